@@ -1,0 +1,5 @@
+"""`python -m captioner`: the same as the `captioner` command."""
+
+from captioner.cli import run
+
+run()

@@ -1,0 +1,5 @@
+"""`python -m engine`: the same as the `engine` command."""
+
+from engine.cli import run
+
+run()
