@@ -145,6 +145,9 @@ def probe(data: bytes, limits: DecodeLimits = DecodeLimits()) -> _Probe:
             'degenerate-frame-size', 'frame-too-large' or 'too-long'.
     """
     with _open(data) as container:
+        if not container.streams.video and not container.streams.audio:
+            # e.g. random bytes that happen to parse as a subtitle format ('lrc', 'srt')
+            raise DecodeError("not-a-video", f"probed as {container.format.name!r}, which holds no audio or video")
         if not container.streams.video:
             raise DecodeError("no-video-stream", f"container {container.format.name!r} holds no video stream")
         stream = container.streams.video[0]

@@ -103,6 +103,24 @@ def _unsafe(name: str) -> bool:
     return name.startswith("/") or ".." in parts
 
 
+class _CheckedTarInfo(tarfile.TarInfo):
+    """Remembers a bad header that `tarfile` would silently treat as the end of the archive.
+
+    In stream mode, a missing, cut or corrupt header after the first member ends
+    iteration without an error: a truncated shard would look complete and its
+    last sample would come out with members missing.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as exc:
+            # EOFHeaderError (the end-of-archive zero block) is a subclass of none of these: a proper end
+            tf._pseudocap_bad_end = f"{type(exc).__name__}: {exc or 'no header where one was due'}"
+            raise
+
+
 class _Group:
     """Members of the sample being assembled."""
 
@@ -142,7 +160,7 @@ def iter_shard(url: str, handler: Handler = reraise) -> Iterator[dict[str, Any]]
         return
     try:
         try:
-            stream = tarfile.open(fileobj=fileobj, mode="r|*")
+            stream = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_CheckedTarInfo)
         except tarfile.ReadError as exc:
             reason = "empty-shard" if "empty" in str(exc) else "not-a-tar"
             handler(ShardReadError(reason, str(exc), url=url, key=SHARD_KEY))
@@ -181,6 +199,9 @@ def iter_shard(url: str, handler: Handler = reraise) -> Iterator[dict[str, Any]]
                 if current.problem is None:
                     current.sample[ext] = data
                 stream.members = []  # streaming: do not keep every TarInfo
+            bad_end = getattr(stream, "_pseudocap_bad_end", None)
+            if bad_end is not None and n_seen + (current is not None) > 0:
+                raise tarfile.ReadError(f"bad or missing tar header ({bad_end})")
         except (tarfile.ReadError, EOFError, OSError) as exc:
             where = current.sample["__key__"] if current else None
             if current is not None:
