@@ -1,4 +1,10 @@
-"""The `captioner` command. Its commands (tiny, pretrain-toy, adapt, generate) are not built yet; see the README's status table.
+"""The `captioner` command: tiny checkpoints, the toy base model, the two adaptation stages, a quick look.
+
+    captioner tiny --out tiny/ --vocab-from 'toy/pretrain-*.tar'
+    captioner pretrain-toy --shards 'toy/pretrain-*.tar' --out base/ [--model tiny/]
+    captioner adapt --stage visual --model base/ --shards 'toy/adapt-*.tar' --out stage1/
+    captioner adapt --stage language --model stage1/ --shards 'toy/adapt-*.tar' --out stage2/
+    captioner generate --model stage2/ --shards 'toy/test-*.tar' --n 8
 
 `main(argv)` returns an exit code (tests call it); `run()` is the console entry point.
 """
@@ -8,22 +14,169 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from captioner import __version__
 
+PRESETS: dict[str, dict[str, dict]] = {
+    # per stage: TrainConfig overrides. 'quick' is the demo's default.
+    "quick": {"lm": {"steps": 400, "lr": 2e-3}, "image": {"steps": 300, "lr": 1e-3},
+              "visual": {"steps": 300, "lr": 2e-3, "frames": 4},
+              "language": {"steps": 300, "lr": 1e-3, "frames": 4}},
+    "full": {"lm": {"steps": 1500, "lr": 2e-3}, "image": {"steps": 1500, "lr": 1e-3},
+             "visual": {"steps": 2000, "lr": 2e-3, "frames": 8},
+             "language": {"steps": 1500, "lr": 1e-3, "frames": 8}},
+}
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="quick", choices=list(PRESETS), help="steps, learning rates and frames "
+                   "per stage; flags below override them")
+    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--lr", type=float, help="peak learning rate (warm-up, then cosine decay)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--warmup", type=int, default=20, help="warm-up steps")
+    p.add_argument("--frames", type=int, help="frames per clip (uniformly sampled)")
+    p.add_argument("--max-samples", type=int, default=0, help="use at most this many samples (0: all)")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of full weights")
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _config(args: argparse.Namespace, stage: str, model: str, out: str):
+    from captioner.train import TrainConfig
+
+    kw = dict(PRESETS[args.preset][stage])
+    for name in ("steps", "lr", "frames"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    return TrainConfig(stage=stage, model=model, shards=args.shards, out=out, batch_size=args.batch_size,
+                       grad_accum=args.grad_accum, warmup=args.warmup, max_samples=args.max_samples, lora=args.lora,
+                       lora_rank=args.lora_rank, seed=args.seed, save_every=args.save_every, resume=args.resume,
+                       device=args.device, extra={"preset": args.preset}, **kw)
+
+
+def _tiny(args: argparse.Namespace) -> int:
+    from captioner.tiny import build_tiny
+
+    out = build_tiny(args.out, vocab_from=args.vocab_from, name=args.config, layers=args.layers, width=args.width,
+                     vocab_size=args.vocab_size, image_size=args.image_size, seed=args.seed)
+    print(f"tiny {args.config} written to {out}")
+    return 0
+
+
+def _pretrain_toy(args: argparse.Namespace) -> int:
+    from captioner.tiny import build_tiny
+    from captioner.train import read_state, train
+
+    out = Path(args.out)
+    model = args.model
+    if model is None:
+        model = str(out / "init")
+        if not (Path(model) / "config.json").exists():
+            build_tiny(model, vocab_from=args.shards)
+    lm_dir = str(out / "lm")
+    for stage, src, dst in (("lm", model, lm_dir), ("image", lm_dir, str(out))):
+        cfg = _config(args, stage, src, dst)
+        state = read_state(dst)
+        if state and state.get("finished") and state["config"]["stage"] == stage and not args.resume:
+            print(f"{stage}: {dst} is already trained ({state['step']} steps); --resume to extend it")
+            continue
+        summary = train(cfg, progress=not args.quiet)
+        print(f"{stage}: {summary['step']} steps, loss {summary.get('loss', float('nan')):.3f} -> {dst}")
+    print(f"base image VLM written to {out}")
+    return 0
+
+
+def _adapt(args: argparse.Namespace) -> int:
+    from captioner.train import train
+
+    summary = train(_config(args, args.stage, args.model, args.out), progress=not args.quiet)
+    print(f"{args.stage} adaptation: {summary['step']} steps, loss {summary.get('loss', float('nan')):.3f} "
+          f"-> {args.out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from captioner.evaluate import caption_clips, load_eval_clips
+    from captioner.load import load_captioner
+
+    cap = load_captioner(args.model, backend=args.backend, dtype=args.dtype)
+    clips, refs = load_eval_clips(args.shards, frames=args.frames, limit=args.n)
+    texts = caption_clips(cap, clips, mode=args.mode, batch_size=args.batch_size)
+    for c, t, r in zip(clips, texts, refs):
+        print(f"{c.key:<22} {t}" + (f"\n{'':<22} gt: {r}" if r else ""))
+    return 0
+
 
 def build_parser() -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(
-        prog="captioner", description="pseudocap's captioner: an image VLM adapted to video (visual, then language adaptation).",
-        epilog="No commands are available yet: tiny, pretrain-toy, adapt, generate are planned (see the README).")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(prog="captioner", formatter_class=fmt, description=(
+        "pseudocap's captioner: an image VLM adapted to video in two stages (visual adaptation with the "
+        "language model frozen, then language adaptation with the vision side frozen)."))
+    parser.add_argument("--version", action="version", version=f"pseudocap captioner {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("tiny", formatter_class=fmt, help="build a tiny Qwen2-VL checkpoint offline",
+                       description="Build a tiny Qwen2-VL (random weights) with a byte-level BPE tokenizer trained "
+                       "offline, saved so that AutoProcessor / AutoModelForImageTextToText load it like a real one.")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-from", help="shard pattern whose text trains the tokenizer (default: the toy grammar)")
+    p.add_argument("--config", default="qwen2-vl-tiny", help="tiny architecture name")
+    p.add_argument("--layers", type=int, help="depth of language model and vision tower")
+    p.add_argument("--width", type=int, help="width of language model and vision tower")
+    p.add_argument("--vocab-size", type=int, default=600)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_tiny)
+
+    p = sub.add_parser("pretrain-toy", formatter_class=fmt, help="train the toy base image VLM",
+                       description="Train the toy base model: the language model on all caption text of the "
+                       "pretrain split (text only), then image-text training on single frames with their static "
+                       "captions. The result is an image VLM that has never been shown motion.")
+    p.add_argument("--shards", required=True, help="pretrain split shards")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", help="checkpoint to start from (default: a new tiny model in OUT/init)")
+    _train_args(p)
+    p.set_defaults(func=_pretrain_toy)
+
+    p = sub.add_parser("adapt", formatter_class=fmt, help="adapt to video: --stage visual, then --stage language",
+                       description="visual: train the vision tower and projector on video-caption pairs (gt.txt), "
+                       "language model frozen. language: train the language model on instruction pairs (qa.json, "
+                       "captioning included), vision side frozen.")
+    p.add_argument("--stage", required=True, choices=["visual", "language"])
+    p.add_argument("--model", required=True)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--out", required=True)
+    _train_args(p)
+    p.set_defaults(func=_adapt)
+
+    p = sub.add_parser("generate", formatter_class=fmt, help="print captions of a few clips beside gt.txt",
+                       description="Caption the first N clips of the shards and print them beside their gt.txt.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--n", type=int, default=8)
+    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--mode", default="video", choices=["video", "middle-frame"])
+    p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(func=_generate)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    parser.add_argument("--version", action="version", version=f"pseudocap captioner {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 2
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (FileNotFoundError, ValueError, ImportError, KeyError) as exc:
+        print(f"captioner {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 def run() -> None:

@@ -1,0 +1,123 @@
+"""Caption accuracy of the toy chain base -> stage 1 -> stage 2, with learning curves against CPU minutes.
+
+Usage: python bench/captioner_toy.py [--preset quick|full] [--work bench/work/captioner] [--eval-n 200]
+
+Writes bench/results/captioner_toy[_full].json: per-attribute accuracy (object, colour, action,
+direction within its axis, event order, exact match; see captioner/toy_metrics.py) on the `test`
+split for (a) the base image model captioning the middle frame, (b) after stage 1 (visual
+adaptation), (c) after stages 1 + 2 (language adaptation), also on the `compositional` split,
+and learning curves (accuracy after each training segment against cumulative CPU minutes of
+this process, which runs everything in-process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import captioner  # noqa: E402,F401  - arms the torchvision fix before transformers loads
+from captioner.cli import PRESETS  # noqa: E402
+from captioner.evaluate import evaluate_toy, load_eval_clips  # noqa: E402
+from captioner.tiny import build_tiny  # noqa: E402
+from captioner.train import TrainConfig, read_state, train  # noqa: E402
+from engine.synth import SynthConfig, synth  # noqa: E402
+
+SPLITS = {"pretrain": 2000, "adapt": 1000, "test": 200, "compositional": 200}
+KEYS = ("object", "colour", "action", "direction_within_axis", "event_order", "exact", "parse_rate")
+
+
+def cpu_minutes() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return (r.ru_utime + r.ru_stime) / 60
+
+
+def short(metrics: dict) -> dict:
+    return {k: (round(metrics[k], 4) if isinstance(metrics.get(k), float) else metrics.get(k)) for k in KEYS}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="quick", choices=list(PRESETS))
+    ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "captioner"))
+    ap.add_argument("--eval-n", type=int, default=200, help="test clips per evaluation")
+    ap.add_argument("--segments", type=int, default=3, help="learning-curve points per adaptation stage")
+    ap.add_argument("--out", help="result JSON (default bench/results/captioner_toy[_PRESET].json)")
+    args = ap.parse_args(argv)
+    work = Path(args.work) / args.preset
+    data = Path(args.work) / "toy"
+    preset = PRESETS[args.preset]
+    t_wall = time.perf_counter()
+    for split, n in SPLITS.items():
+        if not list(data.glob(f"{split}-*_stats.json")):
+            synth(SynthConfig(split=split, n=n, seed=0), data, progress=False)
+    frames = preset["visual"].get("frames", 8)
+    test = load_eval_clips(str(data / "test-*.tar"), frames=frames, limit=args.eval_n)
+    comp = load_eval_clips(str(data / "compositional-*.tar"), frames=frames, limit=args.eval_n)
+    result: dict = {"benchmark": "captioner_toy", "command": "python bench/captioner_toy.py " + " ".join(
+        argv if argv is not None else sys.argv[1:]), "preset": args.preset, "preset_config": preset,
+        "data": SPLITS, "eval_clips": len(test[0]), "machine": {"platform": platform.platform(), "cpus": 2},
+        "curves": {}, "stages": {}}
+    cpu0 = cpu_minutes()
+
+    def run(stage: str, model: str, shards: str, out: Path, segments: int, curve: list | None) -> None:
+        kw = dict(preset[stage])
+        steps = kw.pop("steps")
+        cuts = [round(steps * (i + 1) / segments) for i in range(segments)]
+        for cut in cuts:
+            state = read_state(out)
+            if state and state["step"] >= cut:
+                continue
+            cfg = TrainConfig(stage=stage, model=model, shards=shards, out=str(out), steps=steps,
+                              stop_at=cut if cut < steps else 0, resume=state is not None, **kw)
+            t0 = time.perf_counter()
+            summary = train(cfg, progress=False)
+            result["stages"].setdefault(stage, []).append({"to_step": cut, "wall_s": round(time.perf_counter() - t0, 1),
+                                                           "loss": summary.get("loss")})
+            if curve is not None:
+                m = evaluate_toy(str(out), None, mode="video", clips=test)["metrics"]
+                curve.append({"step": cut, "cpu_min": round(cpu_minutes() - cpu0, 2), **short(m)})
+                print(stage, cut, curve[-1], flush=True)
+
+    init = work / "init"
+    if not (init / "config.json").exists():
+        build_tiny(init, vocab_from=str(data / "pretrain-*.tar"))
+    run("lm", str(init), str(data / "pretrain-*.tar"), work / "base" / "lm", 1, None)
+    run("image", str(work / "base" / "lm"), str(data / "pretrain-*.tar"), work / "base", 1, None)
+    result["base_cpu_min"] = round(cpu_minutes() - cpu0, 2)
+    result["curves"]["visual"] = []
+    run("visual", str(work / "base"), str(data / "adapt-*.tar"), work / "stage1", args.segments,
+        result["curves"]["visual"])
+    result["curves"]["language"] = []
+    run("language", str(work / "stage1"), str(data / "adapt-*.tar"), work / "stage2", args.segments,
+        result["curves"]["language"])
+    result["chain_cpu_min"] = round(cpu_minutes() - cpu0, 2)
+    result["chain_wall_min"] = round((time.perf_counter() - t_wall) / 60, 2)
+
+    evals = {}
+    for name, model, mode in (("a_base_middle_frame", work / "base", "middle-frame"),
+                              ("b_stage1", work / "stage1", "video"), ("c_stage1_2", work / "stage2", "video"),
+                              ("c_stage1_2_middle_frame", work / "stage2", "middle-frame")):
+        r = evaluate_toy(str(model), None, mode=mode, clips=test)
+        evals[name] = {"test": short(r["metrics"]), "examples": r["examples"][:6]}
+        if name.startswith("b_") or name == "c_stage1_2":
+            evals[name]["compositional"] = short(evaluate_toy(str(model), None, mode=mode, clips=comp)["metrics"])
+        print(name, evals[name]["test"], flush=True)
+    result["evaluations"] = evals
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
+        "captioner_toy.json" if args.preset == "quick" else f"captioner_toy_{args.preset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,307 @@
+"""Caption accuracy per attribute on the toy world: object, colour, action, direction and event order.
+
+A toy-world caption is one or more events joined by ", then " and ended by a
+period, each event being "the {colour} {shape} {verb}" with the verb taken from
+`data_specs.toyworld.VERBS` (e.g. "the red circle moves left, then the blue
+square turns green."). `parse_caption` reads such text back into
+`ParsedEvent`s; `score` compares predicted captions with reference captions
+attribute by attribute, so that a model that names the right objects but
+ignores frame order (and so gets directions and order wrong) is told apart from
+one that gets everything wrong. The parser is built from the grammar constants
+(`COLOURS`, `SHAPES`, `VERBS`), so it follows the grammar if that changes.
+
+    score(["the red circle moves right."], ["the red circle moves left."])
+    # object 1.0, colour 1.0, action 0.0, direction_within_axis 0.0, exact 0.0, ...
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Sequence
+from typing import NamedTuple
+
+from data_specs.toyworld import AXIS, COLOURS, SHAPES, VERBS
+
+
+class ParsedEvent(NamedTuple):
+    """One event of a caption, as the grammar says it.
+
+    Attributes:
+        colour: the object's colour when the event starts (the colour the caption names).
+        shape: one of `SHAPES`.
+        action: one of `ACTIONS` (e.g. 'move_left', 'recolour').
+        to_colour: the colour it turns into (recolour only), else None.
+    """
+
+    colour: str
+    shape: str
+    action: str
+    to_colour: str | None = None
+
+
+DIRECTIONAL_AXES: tuple[str, ...] = tuple(
+    sorted(axis for axis in set(AXIS.values()) if sum(ax == axis for ax in AXIS.values()) == 2))
+"""Axes with exactly two directions (horizontal, vertical, size, visibility): where direction is a question."""
+
+EVENT_SEPARATOR = ", then "
+"""What joins the events of a caption (as `engine.synth.caption` writes it)."""
+
+
+def _alternation(words: Sequence[str]) -> str:
+    return "(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True)) + ")"
+
+
+def _words(literal: str) -> str:
+    """A literal with every run of spaces matching any whitespace."""
+    return r"\s+".join(re.escape(part) for part in literal.split(" "))
+
+
+def _build_phrase_regex() -> tuple[re.Pattern[str], list[str]]:
+    """One regex for one event phrase; named group ``a{i}`` marks action i, ``t{i}`` its to_colour."""
+    colour = _alternation(list(COLOURS))
+    actions = list(VERBS)
+    verbs = []
+    for i, action in enumerate(actions):
+        parts = []
+        for literal, field, _spec, _conv in string.Formatter().parse(VERBS[action]):
+            parts.append(_words(literal))
+            if field is None:
+                continue
+            if field != "to_colour":
+                raise ValueError(f"VERBS[{action!r}] has a placeholder {{{field}}} the parser does not know")
+            parts.append(f"(?P<t{i}>{colour})")
+        verbs.append(f"(?P<a{i}>{''.join(parts)})")
+    pattern = (rf"the\s+(?P<colour>{colour})\s+(?P<shape>{_alternation(SHAPES)})\s+"
+               rf"(?:{'|'.join(verbs)})")
+    return re.compile(pattern), actions
+
+
+_PHRASE, _PHRASE_ACTIONS = _build_phrase_regex()
+_SEPARATOR = re.compile(r"\s*" + r"\s*".join(re.escape(w) for w in EVENT_SEPARATOR.split()) + r"\s+")
+
+
+def normalise(text: str) -> str:
+    """Lower case, single spaces, no surrounding whitespace, no final period (what `exact` compares)."""
+    text = " ".join(text.lower().split())
+    if text.endswith("."):
+        text = text[:-1].rstrip()
+    text = re.sub(r"\s+,", ",", text)
+    return text
+
+
+def parse_caption(text: str) -> list[ParsedEvent] | None:
+    """Parses a caption of the toy grammar into its events, in the order the caption names them.
+
+    Tolerant of case, extra whitespace (also around the comma) and a missing final period;
+    anything else outside the grammar (an unknown word, a missing "the", a trailing remark,
+    an empty string) makes the whole caption unparseable.
+
+    Args:
+        text: the caption, e.g. "The red circle moves left, then the blue square appears."
+
+    Returns:
+        The events in caption order, or None when the text is not in the grammar.
+    """
+    if not isinstance(text, str):
+        return None
+    norm = normalise(text)
+    if not norm:
+        return None
+    events = []
+    for phrase in _SEPARATOR.split(norm):
+        m = _PHRASE.fullmatch(phrase.strip())
+        if m is None:
+            return None
+        i = next(int(k[1:]) for k, v in m.groupdict().items() if k.startswith("a") and v is not None)
+        events.append(ParsedEvent(m["colour"], m["shape"], _PHRASE_ACTIONS[i], m.groupdict().get(f"t{i}")))
+    return events
+
+
+def format_caption(events: Sequence[ParsedEvent]) -> str:
+    """The caption the grammar writes for these events (the inverse of `parse_caption`).
+
+    Raises:
+        KeyError: an unknown action.
+    """
+    return EVENT_SEPARATOR.join(f"the {e.colour} {e.shape} {VERBS[e.action].format(to_colour=e.to_colour)}"
+                                for e in events) + "."
+
+
+ALIGNMENTS = ("position", "object")
+"""How `score` pairs predicted events with reference events."""
+
+
+def align_events(ref: Sequence[ParsedEvent], pred: Sequence[ParsedEvent],
+                 align: str = "position") -> list[ParsedEvent | None]:
+    """The predicted event compared with each reference event (None: missing).
+
+    Args:
+        ref: the reference's events.
+        pred: the prediction's events (empty when it did not parse).
+        align: 'position': reference event j meets predicted event j. 'object': reference event j
+            meets the first unused predicted event about the same object (same shape, and the
+            colours it shows, ``{colour, to_colour}``, overlap), else the unused predicted event
+            at position j, else none. 'object' keeps a prediction with the right events in the
+            wrong order from scoring its events against another object's.
+
+    Raises:
+        ValueError: an unknown ``align``.
+    """
+    if align == "position":
+        return [pred[j] if j < len(pred) else None for j in range(len(ref))]
+    if align != "object":
+        raise ValueError(f"unknown alignment {align!r}; valid: {', '.join(ALIGNMENTS)}")
+    used: set[int] = set()
+    out: list[ParsedEvent | None] = []
+    for j, r in enumerate(ref):
+        shown = {r.colour, r.to_colour} - {None}
+        pick = next((i for i, p in enumerate(pred) if i not in used and p.shape == r.shape
+                     and shown & ({p.colour, p.to_colour} - {None})), None)
+        if pick is None and j < len(pred) and j not in used:
+            pick = j
+        if pick is not None:
+            used.add(pick)
+        out.append(None if pick is None else pred[pick])
+    return out
+
+
+def _ratio(hits: int, total: int) -> float | None:
+    return hits / total if total else None
+
+
+def score(predictions: list[str], references: list[str], align: str = "position") -> dict:
+    """Caption accuracy per attribute over clips (predictions[i] describes the clip of references[i]).
+
+    Events are aligned by position (the default): reference event j is compared with the j-th
+    event of the parsed prediction. A prediction that does not parse, or has fewer events,
+    counts as missing that event; extra predicted events are not penalised (except by `exact`).
+    With ``align="object"`` each reference event is compared with the predicted event about
+    the same object instead (see `align_events`); ``event_order`` and ``exact`` do not depend
+    on the alignment. By position, a two-event prediction in the wrong order is scored against
+    the other object's event: its colour is then wrong, and its direction is right or wrong by
+    accident (time-reversed captions of two-event clips score well above chance on
+    ``direction_within_axis`` that way); by object, they are not.
+
+    Definitions (each value is None when its denominator is 0):
+
+    - ``object``: share of reference events whose aligned predicted event has the same shape.
+      Denominator ``n_events`` (all reference events); a missing predicted event is wrong.
+    - ``colour``: the same for the colour the caption names (the object's colour when the event
+      starts). Denominator ``n_events``.
+    - ``action``: the same for the action (e.g. 'move_left'; recolour's target colour is not
+      compared here, see ``to_colour``). Denominator ``n_events``.
+    - ``to_colour``: over reference recolour events whose aligned prediction is a recolour: the
+      same target colour. Denominator ``n_to_colour``.
+    - ``direction_within_axis``: over reference events on an axis with two directions
+      (`DIRECTIONAL_AXES`: horizontal, vertical, size, visibility) whose aligned predicted event
+      is on the same `AXIS`: the same action, i.e. the right direction given the right axis.
+      Rotation and colour are excluded (one action each). Denominator ``n_direction``; chance is 0.5.
+    - ``event_order``: over references with two (or more) events: every reference event's
+      (colour, shape, action) occurs in the prediction, in the reference's order (the reference
+      is a subsequence of the prediction). Denominator ``n_order``.
+    - ``exact``: the normalised texts (`normalise`: case, whitespace, final period) are equal.
+      Denominator ``n``.
+    - ``parse_rate``: share of predictions that `parse_caption` parses. Denominator ``n``.
+
+    Args:
+        predictions: predicted captions, one per clip.
+        references: ground-truth captions (toy grammar), one per clip, same order.
+        align: 'position' or 'object' (see `align_events`).
+
+    Returns:
+        The metrics above plus their denominators ``n``, ``n_events``, ``n_direction``,
+        ``n_order``, ``n_to_colour``, and ``n_parsed``.
+
+    Raises:
+        ValueError: the lists differ in length, a reference is not in the toy grammar, or an
+            unknown ``align``.
+    """
+    if align not in ALIGNMENTS:
+        raise ValueError(f"unknown alignment {align!r}; valid: {', '.join(ALIGNMENTS)}")
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    c = dict.fromkeys(("object", "colour", "action", "to_colour", "direction", "order", "exact", "parsed"), 0)
+    n_events = n_direction = n_order = n_to_colour = 0
+    for k, (pred_text, ref_text) in enumerate(zip(predictions, references)):
+        ref = parse_caption(ref_text)
+        if ref is None:
+            raise ValueError(f"reference {k} is not in the toy grammar: {ref_text!r}")
+        pred = parse_caption(pred_text)
+        c["parsed"] += pred is not None
+        c["exact"] += isinstance(pred_text, str) and normalise(pred_text) == normalise(ref_text)
+        pred = pred or []
+        for r, p in zip(ref, align_events(ref, pred, align)):
+            n_events += 1
+            if p is None:
+                continue
+            c["object"] += p.shape == r.shape
+            c["colour"] += p.colour == r.colour
+            c["action"] += p.action == r.action
+            if r.action == "recolour" and p.action == "recolour":
+                n_to_colour += 1
+                c["to_colour"] += p.to_colour == r.to_colour
+            if AXIS[r.action] in DIRECTIONAL_AXES and AXIS[p.action] == AXIS[r.action]:
+                n_direction += 1
+                c["direction"] += p.action == r.action
+        if len(ref) >= 2:
+            n_order += 1
+            c["order"] += _is_subsequence([e[:3] for e in ref], [e[:3] for e in pred])
+    n = len(references)
+    return {
+        "object": _ratio(c["object"], n_events),
+        "colour": _ratio(c["colour"], n_events),
+        "action": _ratio(c["action"], n_events),
+        "to_colour": _ratio(c["to_colour"], n_to_colour),
+        "direction_within_axis": _ratio(c["direction"], n_direction),
+        "event_order": _ratio(c["order"], n_order),
+        "exact": _ratio(c["exact"], n),
+        "parse_rate": _ratio(c["parsed"], n),
+        "n": n, "n_events": n_events, "n_direction": n_direction, "n_order": n_order,
+        "n_to_colour": n_to_colour, "n_parsed": c["parsed"],
+    }
+
+
+def score_by_axis(predictions: list[str], references: list[str], align: str = "position") -> dict[str, dict]:
+    """Event-level accuracy split by the `AXIS` of each reference event (aligned as in `score`).
+
+    Returns:
+        axis name -> {"object", "colour", "action", "direction_within_axis", "n_events", "n_direction"}
+        with the definitions of `score`, over the reference events on that axis (axes without
+        reference events are left out; ``direction_within_axis`` is None outside `DIRECTIONAL_AXES`).
+
+    Raises:
+        ValueError: as `score`.
+    """
+    if align not in ALIGNMENTS:
+        raise ValueError(f"unknown alignment {align!r}; valid: {', '.join(ALIGNMENTS)}")
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    acc: dict[str, dict[str, int]] = {}
+    for k, (pred_text, ref_text) in enumerate(zip(predictions, references)):
+        ref = parse_caption(ref_text)
+        if ref is None:
+            raise ValueError(f"reference {k} is not in the toy grammar: {ref_text!r}")
+        pred = parse_caption(pred_text) or []
+        for r, p in zip(ref, align_events(ref, pred, align)):
+            a = acc.setdefault(AXIS[r.action], dict.fromkeys(
+                ("object", "colour", "action", "direction", "n_events", "n_direction"), 0))
+            a["n_events"] += 1
+            if p is None:
+                continue
+            a["object"] += p.shape == r.shape
+            a["colour"] += p.colour == r.colour
+            a["action"] += p.action == r.action
+            if AXIS[r.action] in DIRECTIONAL_AXES and AXIS[p.action] == AXIS[r.action]:
+                a["n_direction"] += 1
+                a["direction"] += p.action == r.action
+    return {axis: {"object": _ratio(a["object"], a["n_events"]), "colour": _ratio(a["colour"], a["n_events"]),
+                   "action": _ratio(a["action"], a["n_events"]),
+                   "direction_within_axis": _ratio(a["direction"], a["n_direction"]),
+                   "n_events": a["n_events"], "n_direction": a["n_direction"]}
+            for axis, a in sorted(acc.items())}
+
+
+def _is_subsequence(needle: list, haystack: list) -> bool:
+    it = iter(haystack)
+    return all(any(x == y for y in it) for x in needle)

@@ -1,0 +1,349 @@
+"""Training recipes of the captioner: the toy base model, then the two adaptation stages of arXiv 2401.06129.
+
+    captioner pretrain-toy --shards 'toy/pretrain-*.tar' --out base/
+    captioner adapt --stage visual   --model base/   --shards 'toy/adapt-*.tar' --out stage1/
+    captioner adapt --stage language --model stage1/ --shards 'toy/adapt-*.tar' --out stage2/
+
+Stages (what trains, what stays frozen):
+    lm        text only: the language model learns the world's language (pretrain split's gt.txt + lm.txt)
+    image     single frames with static captions: the whole model (pretrain split's png + gt.txt)
+    visual    video-caption pairs (gt.txt): vision tower + projector; the language model is frozen
+    language  instruction pairs (qa.json, captioning included): the language model; vision side frozen
+
+Processor outputs are computed once per clip and kept in memory (a clip's pixels
+are shared by all its instruction pairs). A checkpoint is a Hugging Face
+directory (safetensors weights + processor) plus ``trainer_state.json`` (run
+config, step; written last: the commit marker) and ``optimizer.pt``;
+``--resume`` continues from it with the same data order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STAGES = ("lm", "image", "visual", "language")
+
+
+@dataclass
+class TrainConfig:
+    """One run of one stage. Every field is a flag of `captioner pretrain-toy` / `captioner adapt`."""
+
+    stage: str
+    model: str  # checkpoint to start from (a directory or a hub id)
+    shards: str  # shard pattern(s) of the training data
+    out: str  # checkpoint directory to write
+    steps: int = 300
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * this
+    warmup: int = 20
+    weight_decay: float = 0.0
+    frames: int = 8  # frames per clip, uniformly sampled
+    max_samples: int = 0  # 0: every sample of the shards
+    seed: int = 0
+    lora: bool = False  # LoRA adapters (peft) on the trained part instead of full weights: for large models
+    lora_rank: int = 16
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    resume: bool = False
+    stop_at: int = 0  # stop (checkpointed, unfinished) after this step: time-boxed runs, kill-and-resume tests
+    device: str = "auto"
+    extra: dict = field(default_factory=dict)  # recorded, e.g. the preset that produced this config
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.stage not in STAGES:
+            problems.append(f"--stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        for name in ("steps", "batch_size", "grad_accum", "frames", "lora_rank", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            problems.append(f"--lr must be > 0, got {self.lr}")
+        if self.warmup < 0 or self.max_samples < 0 or self.save_every < 0:
+            problems.append("--warmup, --max-samples and --save-every must be >= 0")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+# --------------------------------------------------------------------------- examples
+
+@dataclass
+class Example:
+    """One training sequence: token ids with the answer supervised, and the clip's pixels (shared)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    mm_token_type_ids: torch.Tensor
+    media: str | None = None  # 'video', 'image' or None
+    pixels: torch.Tensor | None = None
+    grid_thw: torch.Tensor | None = None
+
+
+def _texts_for(stage: str, sample: dict) -> list[tuple[str | None, str, str]]:
+    """(media, question, answer) triples a sample gives for a stage."""
+    from engine.shards import read_json, read_text
+    from data_specs.prompts import get_prompt
+
+    video_q, image_q = get_prompt("caption-video-v1").text, get_prompt("caption-frame-v1").text
+    if stage == "lm":
+        out = [(None, image_q, read_text(sample, "gt.txt"))]
+        lm = read_text(sample, "lm.txt")
+        return out + ([(None, video_q, lm)] if lm else [])
+    if stage == "image":  # text-only sentences keep the language model's video-caption language alive
+        lm = read_text(sample, "lm.txt")
+        return [("image", image_q, read_text(sample, "gt.txt"))] + ([(None, video_q, lm)] if lm else [])
+    if stage == "visual":
+        return [("video", video_q, read_text(sample, "gt.txt"))]
+    return [("video", qa["question"], qa["answer"]) for qa in read_json(sample, "qa.json") or []]
+
+
+def build_examples(cfg: TrainConfig, processor, progress: bool = True) -> tuple[list[Example], dict]:
+    """Reads the shards and turns every usable sample into training examples.
+
+    Returns:
+        The examples and a report: samples used, samples skipped by reason.
+    """
+    import io
+
+    from PIL import Image
+    from tqdm import tqdm
+
+    from data_specs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+    from engine.decode import Sampling, decode_video
+    from engine.errors import SampleError
+    from engine.shards import ErrorCollector, read_samples, video_member
+
+    tok = processor.tokenizer
+    video_pad, image_pad = "<|video_pad|>", "<|image_pad|>"
+    video_id, image_id = tok.convert_tokens_to_ids(video_pad), tok.convert_tokens_to_ids(image_pad)
+    errors = ErrorCollector()
+    examples: list[Example] = []
+    n_used = 0
+    bar = tqdm(desc=f"prepare {cfg.stage}", unit="sample", disable=not progress)
+    for sample in read_samples(cfg.shards, handler=errors):
+        if cfg.max_samples and n_used >= cfg.max_samples:
+            break
+        try:
+            triples = [t for t in _texts_for(cfg.stage, sample) if t[2]]
+            media, pixels, grid, n_tokens = None, None, None, 0
+            kinds = {t[0] for t in triples}
+            if "video" in kinds:
+                ext = video_member(sample, VIDEO_EXTENSIONS)
+                frames = decode_video(sample[ext], Sampling.uniform(cfg.frames), backend="av").frames
+                enc = processor.video_processor(videos=[frames], return_tensors="pt", do_sample_frames=False)
+                media, pixels, grid = "video", enc["pixel_values_videos"], enc["video_grid_thw"]
+            elif "image" in kinds:
+                ext = video_member(sample, IMAGE_EXTENSIONS)
+                image = np.asarray(Image.open(io.BytesIO(sample[ext])).convert("RGB"))
+                enc = processor.image_processor(images=[image], return_tensors="pt")
+                media, pixels, grid = "image", enc["pixel_values"], enc["image_grid_thw"]
+        except SampleError as exc:
+            errors(exc.located(url=sample["__url__"], key=sample["__key__"]))
+            continue
+        if grid is not None:
+            n_tokens = int(grid.prod()) // (processor.video_processor.merge_size ** 2)
+            pixels = pixels.to(torch.bfloat16)  # halves the cache; cast back per batch
+        for m, question, answer in triples:
+            content = ([{"type": m}] if m else []) + [{"type": "text", "text": question}]
+            prompt = processor.apply_chat_template([{"role": "user", "content": content}],
+                                                   add_generation_prompt=True, tokenize=False)
+            pad = video_pad if m == "video" else image_pad
+            if m:
+                prompt = prompt.replace(pad, pad * n_tokens, 1)
+            p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            a_ids = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+            ids = torch.tensor(p_ids + a_ids)
+            labels = torch.tensor([-100] * len(p_ids) + a_ids)
+            mm = (ids == image_id).long() + 2 * (ids == video_id).long()
+            examples.append(Example(ids, labels, mm, m, pixels if m else None, grid if m else None))
+        n_used += 1
+        bar.update(1)
+    bar.close()
+    return examples, {"samples": n_used, "examples": len(examples), "skipped": errors.by_reason(),
+                      "first_errors": [str(e) for e in errors.errors[:5]]}
+
+
+def collate(batch: list[Example], pad_id: int) -> dict:
+    """Right-padded tensors for a forward pass with labels (Qwen2-VL's names)."""
+    n = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), n), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), n), dtype=torch.long)
+    mm = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, e in enumerate(batch):
+        k = len(e.input_ids)
+        ids[i, :k], labels[i, :k], mask[i, :k], mm[i, :k] = e.input_ids, e.labels, 1, e.mm_token_type_ids
+    out = {"input_ids": ids, "labels": labels, "attention_mask": mask, "mm_token_type_ids": mm}
+    media = batch[0].media
+    if media is not None:
+        pix = torch.cat([e.pixels for e in batch]).float()
+        grid = torch.cat([e.grid_thw for e in batch])
+        if media == "video":
+            out.update(pixel_values_videos=pix, video_grid_thw=grid)
+        else:
+            out.update(pixel_values=pix, image_grid_thw=grid)
+    return out
+
+
+# --------------------------------------------------------------------------- freezing
+
+def trainable_mask(name: str, stage: str) -> bool:
+    """Whether parameter ``name`` trains in ``stage`` (vision side = the names under 'visual')."""
+    visual = ".visual." in f".{name}"
+    if stage == "visual":
+        return visual
+    if stage in ("language", "lm"):
+        return not visual
+    return True
+
+
+def apply_freezing(model, cfg: TrainConfig):
+    """Freezes per stage; with ``cfg.lora``, wraps the trained part's linear layers in LoRA adapters."""
+    if cfg.lora:
+        try:
+            from peft import LoraConfig, get_peft_model
+        except ImportError:
+            raise ImportError("--lora needs peft: pip install 'pseudocap[lora]'") from None
+        linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                  and trainable_mask(n + ".weight", cfg.stage) and "lm_head" not in n}
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                                                 target_modules=sorted(linear)))
+        return model
+    for name, p in model.named_parameters():
+        p.requires_grad_(trainable_mask(name, cfg.stage))
+    return model
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
+
+
+def read_state(out: str | Path) -> dict | None:
+    path = Path(out) / "trainer_state.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def save_checkpoint(model, processor, optimizer, cfg: TrainConfig, step: int, out: Path, report: dict) -> None:
+    """Writes the checkpoint next to the old one, then swaps it in; trainer_state.json is written last."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    to_save = model.merge_and_unload() if cfg.lora and step >= cfg.steps else model
+    to_save.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
+                "python_rng": random.getstate()}, tmp / "optimizer.pt")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "trainer_state.json").unlink(missing_ok=True)  # uncommitted while files move
+    for f in tmp.iterdir():
+        os.replace(f, out / f.name)
+    tmp.rmdir()
+    state = {"step": step, "config": asdict(cfg), "data": report, "finished": step >= cfg.steps}
+    state["config"].pop("stop_at")  # how a run was cut is not part of what it is
+    (out / "trainer_state.json.tmp").write_text(json.dumps(state, indent=2) + "\n")
+    os.replace(out / "trainer_state.json.tmp", out / "trainer_state.json")
+
+
+# --------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Runs one stage to ``cfg.steps`` optimizer steps; resumes from ``cfg.out`` when asked.
+
+    Returns:
+        A summary: final step, last loss, seconds, examples used.
+    """
+    from tqdm import tqdm
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    out = Path(cfg.out)
+    state = read_state(out) if cfg.resume else None
+    if state and state.get("finished") and state["step"] >= cfg.steps:
+        return {"step": state["step"], "resumed": True, "skipped": "already finished"}
+    source = str(out) if state else cfg.model
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    processor = AutoProcessor.from_pretrained(source)
+    model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+    model = apply_freezing(model, cfg).to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"stage {cfg.stage!r} leaves no trainable parameter in {source}")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if state:
+        blob = torch.load(out / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(blob["optimizer"])
+        torch.set_rng_state(blob["torch_rng"])
+        random.setstate(blob["python_rng"])
+        start = state["step"]
+    examples, report = build_examples(cfg, processor, progress=progress)
+    if not examples:
+        raise ValueError(f"no training example in {cfg.shards} for stage {cfg.stage!r}: {report}")
+    pad_id = processor.tokenizer.pad_token_id
+    # a batch holds one kind of input (video, image or text); kinds take turns, each with its own epochs
+    pools = [[e for e in examples if e.media == kind] for kind in ("video", "image", None)]
+    pools = [p for p in pools if p]
+    orders: list[list[np.ndarray]] = [[] for _ in pools]
+    rngs = [np.random.default_rng([cfg.seed, 7, k]) for k in range(len(pools))]
+
+    def batch_for(step: int, micro: int) -> list[Example]:
+        i = step * cfg.grad_accum + micro  # the data position is a function of the step: resume sees the same
+        k, i = i % len(pools), i // len(pools)
+        per_epoch = max(1, len(pools[k]) // cfg.batch_size)
+        epoch, j = divmod(i, per_epoch)
+        while len(orders[k]) <= epoch:
+            orders[k].append(rngs[k].permutation(len(pools[k])))
+        idx = orders[k][epoch][j * cfg.batch_size:(j + 1) * cfg.batch_size]
+        return [pools[k][n] for n in idx]
+
+    metrics_path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+    t0, last_loss = time.perf_counter(), float("nan")
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", disable=not progress)
+    for step in range(start, cfg.steps):
+        for g in optimizer.param_groups:
+            g["lr"] = _lr_at(step, cfg)
+        optimizer.zero_grad(set_to_none=True)
+        loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            inputs = {k: v.to(device) for k, v in collate(batch_for(step, micro), pad_id).items()}
+            loss = model(**inputs).loss / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.item()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        last_loss = loss_sum
+        elapsed = time.perf_counter() - t0
+        bar.set_postfix(loss=f"{last_loss:.3f}", steps_per_s=f"{(step + 1 - start) / elapsed:.2f}")
+        bar.update(1)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps({"stage": cfg.stage, "step": step + 1, "loss": round(last_loss, 5),
+                                    "lr": _lr_at(step, cfg), "elapsed_s": round(elapsed, 2)}) + "\n")
+        if cfg.stop_at and step + 1 == cfg.stop_at and step + 1 < cfg.steps:
+            save_checkpoint(model, processor, optimizer, cfg, step + 1, out, report)
+            bar.close()
+            return {"step": step + 1, "loss": last_loss, "stopped": True, **report}
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_checkpoint(model, processor, optimizer, cfg, step + 1, out, report)
+    bar.close()
+    save_checkpoint(model, processor, optimizer, cfg, cfg.steps, out, report)
+    return {"step": cfg.steps, "loss": last_loss, "seconds": round(time.perf_counter() - t0, 1), **report}

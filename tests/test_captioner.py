@@ -1,0 +1,171 @@
+"""The captioner on a tiny Qwen2-VL: save -> load -> batched generate, budgets, isolation, backends, training."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.interface import Budgeted, Clip
+from captioner.load import load_captioner
+from captioner.tiny import build_tiny
+from data_specs import GenerationParams
+from data_specs.prompts import PROMPTS, get_prompt
+from engine.synth import SynthConfig, render, sample_clip
+
+VIDEO, FRAME = get_prompt("caption-video-v1"), get_prompt("caption-frame-v1")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("tiny"), layers=2, width=64)
+
+
+@pytest.fixture(scope="module")
+def cap(tiny_dir):
+    c = load_captioner(str(tiny_dir), backend="hf", device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # loud random weights: greedy outputs differ from clip to clip
+        for p in c.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return c
+
+
+@pytest.fixture(scope="module")
+def clips():
+    cfg = SynthConfig(split="test", n=1, seed=9)
+    out = [Clip(f"k{i}", render(sample_clip(cfg, i))[::2]) for i in range(5)]
+    out[3] = Clip("k3", out[3].frames[:4])  # a shorter clip: left padding must not change its caption
+    return out
+
+
+def test_tiny_checkpoint_loads_like_a_real_one(tiny_dir):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tiny_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(proc).__name__ == "Qwen2VLProcessor"
+    assert (tiny_dir / "model.safetensors").exists() and not list(tiny_dir.glob("*.bin"))
+    ids = proc.tokenizer.convert_tokens_to_ids(["<|video_pad|>", "<|image_pad|>"])
+    assert ids == [model.config.video_token_id, model.config.image_token_id]
+
+
+@pytest.mark.parametrize("prompt", [VIDEO, FRAME], ids=["video", "image"])
+def test_batched_greedy_equals_one_by_one(cap, clips, prompt):
+    params = GenerationParams(max_new_tokens=8)
+    batched = cap.caption(clips, prompt, params)
+    single = [cap.caption([c], prompt, params)[0] for c in clips]
+    assert [r.text for r in batched] == [r.text for r in single]
+    assert len({r.text for r in batched}) > 1, "outputs do not depend on the input: the test would be vacuous"
+    assert all(r.ok and r.output_tokens > 0 and r.input_tokens > 0 for r in batched)
+    assert batched[3].input_tokens < batched[0].input_tokens or prompt is FRAME
+
+
+def test_token_budget_lowers_frames_then_rejects(cap, clips):
+    long_clip = Clip("long", np.concatenate([clips[0].frames] * 8))  # 64 frames: 512 visual tokens
+    old = cap.context_length
+    try:
+        cap.context_length = 300
+        res = cap.caption([long_clip, clips[1]], VIDEO, GenerationParams(max_new_tokens=8))
+        assert res[0].ok and res[0].frames_used < 64 and "frames 64->" in res[0].budget_note
+        cap.context_length = 28  # less than the prompt and the new tokens: nothing fits
+        res = cap.caption([long_clip, clips[1]], VIDEO, GenerationParams(max_new_tokens=8))
+        assert all(not r.ok and r.error.startswith("over-budget") for r in res)
+    finally:
+        cap.context_length = old
+
+
+def test_one_bad_clip_does_not_lose_the_batch(cap, clips):
+    bad = Clip("bad", np.zeros((4, 112, 112), np.uint8))  # no channel axis: the processor fails on it
+    res = cap.caption([clips[0], bad, clips[1]], VIDEO, GenerationParams(max_new_tokens=6))
+    assert [r.ok for r in res] == [True, False, True]
+    assert res[1].key == "bad" and res[1].error.startswith("generation-failed")
+    assert res[0].text == cap.caption([clips[0]], VIDEO, GenerationParams(max_new_tokens=6))[0].text
+
+
+def test_prompts_are_data_with_content_hashes():
+    assert len({p.content_hash for p in PROMPTS.values()}) == len(PROMPTS)
+    assert VIDEO.content_hash == get_prompt("caption-video-v1").content_hash
+    with pytest.raises(KeyError, match="valid: caption-video-v1"):
+        get_prompt("nope")
+
+
+def test_vllm_backend_without_vllm_names_the_extra(tiny_dir):
+    pytest.importorskip("transformers")
+    try:
+        import vllm  # noqa: F401
+        pytest.skip("vllm is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match=r"pseudocap\[gpu\]"):
+        load_captioner(str(tiny_dir), backend="vllm")
+    with pytest.raises(ValueError, match="valid: hf, vllm"):
+        load_captioner(str(tiny_dir), backend="tgi")
+
+
+def test_vllm_prompt_and_output_parsing_match_hf(cap, clips):
+    from captioner.backend_hf import render_prompt
+    from captioner.backend_vllm import build_request, parse_output, sampling_kwargs
+
+    b = Budgeted(clips[0], clips[0].frames, 64)
+    req = build_request(cap.processor, VIDEO, b)
+    assert req["prompt"] == render_prompt(cap.processor, VIDEO) and req["multi_modal_data"]["video"] is b.frames
+    assert sampling_kwargs(GenerationParams(max_new_tokens=9)) == {"max_tokens": 9, "n": 1, "temperature": 0.0}
+    with pytest.raises(ValueError, match="beam"):
+        sampling_kwargs(GenerationParams(num_beams=4))
+    fake = SimpleNamespace(prompt_token_ids=[1] * 90, outputs=[SimpleNamespace(
+        text=" the red circle moves left.\n", token_ids=[5, 6, 7], finish_reason="length")])
+    r = parse_output(fake, b, 0.5)
+    assert (r.text, r.input_tokens, r.output_tokens, r.finish_reason, r.ok) == (
+        "the red circle moves left.", 90, 3, "length", True)
+    fake.outputs[0].finish_reason = "abort"
+    assert not parse_output(fake, b, 0.5).ok
+
+
+# --------------------------------------------------------------------------- training recipes
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    from engine.synth import synth
+
+    out = tmp_path_factory.mktemp("toycap")
+    synth(SynthConfig(split="pretrain", n=48, seed=1), out, progress=False)
+    synth(SynthConfig(split="adapt", n=24, seed=1), out, progress=False)
+    return out
+
+
+def _params(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_lm_stage_learns_and_resumes_exactly(tiny_dir, toy, tmp_path):
+    from captioner.train import TrainConfig, train
+
+    kw = dict(stage="lm", model=str(tiny_dir), shards=str(toy / "pretrain-*.tar"), steps=24, batch_size=8,
+              lr=3e-3, warmup=2, log_every=1)
+    full = train(TrainConfig(out=str(tmp_path / "a"), **kw), progress=False)
+    cut = train(TrainConfig(out=str(tmp_path / "b"), stop_at=10, **kw), progress=False)
+    assert cut.get("stopped") and cut["step"] == 10
+    resumed = train(TrainConfig(out=str(tmp_path / "b"), resume=True, **kw), progress=False)
+    assert resumed["step"] == 24
+    a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    losses = [__import__("json").loads(x)["loss"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
+
+
+@pytest.mark.parametrize("stage,moves", [("visual", "visual."), ("language", "layers.0.mlp")])
+def test_adaptation_stages_freeze_the_other_side(tiny_dir, toy, tmp_path, stage, moves):
+    from captioner.train import TrainConfig, train
+
+    train(TrainConfig(stage=stage, model=str(tiny_dir), shards=str(toy / "adapt-*.tar"), out=str(tmp_path / stage),
+                      steps=3, batch_size=4, frames=4, warmup=1), progress=False)
+    before, after = _params(tiny_dir), _params(tmp_path / stage)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all((".visual." in f".{k}") == (stage == "visual") for k in changed), sorted(changed)[:5]
+    assert any(moves in k for k in changed)

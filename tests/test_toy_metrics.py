@@ -1,0 +1,236 @@
+"""Toy-world caption metrics: the parser reads the grammar back, and each metric measures what it says."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from captioner.toy_metrics import (
+    ALIGNMENTS, DIRECTIONAL_AXES, ParsedEvent, align_events, format_caption, normalise, parse_caption, score,
+    score_by_axis,
+)
+from data_specs.toyworld import ACTIONS, AXIS, COLOURS, INVERSE, SHAPES
+from engine.synth import SynthConfig, reverse_clip, sample_clip
+
+METRICS = ("object", "colour", "action", "to_colour", "direction_within_axis", "event_order", "exact", "parse_rate")
+
+
+@pytest.fixture(scope="module")
+def clips():
+    cfg = SynthConfig(split="test", n=1)
+    return [sample_clip(cfg, i) for i in range(200)]
+
+
+def clip_events(clip) -> list[ParsedEvent]:
+    shapes = {o.id: o.shape for o in clip.objects}
+    return [ParsedEvent(e.colour, shapes[e.object_id], e.action, e.to_colour)
+            for e in sorted(clip.events, key=lambda e: e.start)]
+
+
+# --------------------------------------------------------------------------- parser
+
+def test_round_trip_of_generated_captions(clips):
+    assert {len(c.events) for c in clips} == {1, 2}
+    for clip in clips:
+        events = clip_events(clip)
+        assert parse_caption(clip.caption) == events, clip.caption
+        assert format_caption(events) == clip.caption
+
+
+def test_every_word_of_the_grammar_parses():
+    colours = list(COLOURS)
+    for colour, shape, action in itertools.product(colours, SHAPES, ACTIONS):
+        to = next(c for c in colours if c != colour) if action == "recolour" else None
+        event = ParsedEvent(colour, shape, action, to)
+        assert parse_caption(format_caption([event])) == [event]
+    pair = [ParsedEvent("red", "circle", "move_up"), ParsedEvent("blue", "triangle", "recolour", "yellow")]
+    assert parse_caption(format_caption(pair)) == pair
+
+
+@pytest.mark.parametrize("text", [
+    "The Red Circle Moves Left.",
+    "  the red   circle moves left  .  ",
+    "the red circle moves left",
+    "THE RED CIRCLE MOVES LEFT",
+    "the red circle\tmoves\nleft.",
+])
+def test_parser_tolerates_case_whitespace_and_a_missing_period(text):
+    assert parse_caption(text) == [ParsedEvent("red", "circle", "move_left")]
+
+
+def test_parser_tolerates_whitespace_around_the_separator():
+    want = [ParsedEvent("green", "square", "disappear"), ParsedEvent("blue", "square", "recolour", "red")]
+    for text in ("the green square disappears, then the blue square turns red.",
+                 "the green square disappears , then the blue square turns red",
+                 "the green square disappears,then  the blue square turns red."):
+        assert parse_caption(text) == want
+
+
+@pytest.mark.parametrize("text", [
+    "", "   ", ".", "a red circle moves left.", "the red circle moves left. it was fun.", "the purple circle grows.",
+    "the red hexagon grows.", "the red circle jumps.", "the red square turns purple.", "the red square turns.",
+    "the red circle moves left, then", "the red circle moves left and the blue square grows.",
+    "the red circle moves left..", "red circle moves left.", "the red circle moves sideways.",
+    "<|im_end|>", "the the red circle grows.",
+])
+def test_text_outside_the_grammar_is_unparseable(text):
+    assert parse_caption(text) is None
+
+
+def test_non_text_is_unparseable():
+    assert parse_caption(None) is None  # type: ignore[arg-type]
+
+
+def test_normalise():
+    assert normalise("  The Red circle  moves left . ") == "the red circle moves left"
+    assert normalise("the red circle moves left") == normalise("the red circle moves left.")
+
+
+# --------------------------------------------------------------------------- score
+
+def test_perfect_predictions_score_one_everywhere(clips):
+    refs = [c.caption for c in clips]
+    for align in ALIGNMENTS:
+        s = score(refs, refs, align=align)
+        for m in METRICS:
+            assert s[m] == 1.0, (align, m)
+        assert s["n"] == 200 and s["n_parsed"] == 200
+        assert s["n_events"] == sum(len(c.events) for c in clips)
+        assert s["n_order"] == sum(len(c.events) == 2 for c in clips) > 0
+        assert 0 < s["n_direction"] < s["n_events"]
+        assert s["n_to_colour"] == sum(e.action == "recolour" for c in clips for e in c.events) > 0
+
+
+def test_time_reversed_predictions_keep_objects_but_lose_direction_and_order(clips):
+    refs = [c.caption for c in clips]
+    rev = [reverse_clip(c).caption for c in clips]
+    one = [i for i, c in enumerate(clips) if len(c.events) == 1]
+    two = [i for i, c in enumerate(clips) if len(c.events) == 2]
+
+    s1 = score([rev[i] for i in one], [refs[i] for i in one])  # one event: both alignments agree
+    assert s1 == score([rev[i] for i in one], [refs[i] for i in one], align="object")
+    assert s1["object"] == 1.0
+    assert s1["colour"] > 0.8  # only recolour events name the other colour when reversed
+    assert s1["direction_within_axis"] == 0.0 and s1["n_direction"] > 50
+    assert s1["action"] < 0.3  # what is left: rotations (which read the same backwards)
+    assert s1["parse_rate"] == 1.0
+
+    s2 = score([rev[i] for i in two], [refs[i] for i in two])
+    assert s2["event_order"] == 0.0 and s2["n_order"] == len(two) > 10
+
+    s_all = score(rev, refs, align="object")
+    assert s_all["object"] == 1.0 and s_all["colour"] > 0.8
+    assert s_all["direction_within_axis"] == 0.0 and s_all["event_order"] == 0.0
+    assert s_all["n_direction"] == score(refs, refs)["n_direction"]
+
+
+def test_position_alignment_scores_swapped_events_against_the_other_object():
+    ref = ["the red circle appears, then the blue square disappears."]
+    swapped = ["the blue square appears, then the red circle disappears."]  # the time-reversed caption
+    by_pos = score(swapped, ref)
+    assert by_pos["object"] == 0.0 and by_pos["colour"] == 0.0
+    assert by_pos["direction_within_axis"] == 1.0  # appear vs appear: right by accident
+    by_obj = score(swapped, ref, align="object")
+    assert by_obj["object"] == 1.0 and by_obj["colour"] == 1.0
+    assert by_obj["direction_within_axis"] == 0.0 and by_obj["n_direction"] == 2
+    assert by_pos["event_order"] == by_obj["event_order"] == 0.0
+
+
+def test_garbage_text_fails_to_parse_and_scores_zero(clips):
+    refs = [c.caption for c in clips]
+    garbage = ["", "lorem ipsum", "<|endoftext|><|endoftext|>", "the the the", "red circle left"] * 40
+    for align in ALIGNMENTS:
+        s = score(garbage, refs, align=align)
+        assert s["parse_rate"] == 0.0 and s["n_parsed"] == 0
+        for m in ("object", "colour", "action", "event_order", "exact"):
+            assert s[m] == 0.0, m
+        # no predicted event to compare with: no denominator
+        assert s["direction_within_axis"] is None and s["n_direction"] == 0
+        assert s["to_colour"] is None
+
+
+def test_missing_and_extra_predicted_events():
+    ref = ["the red circle moves left, then the blue square grows."]
+    short = score(["the red circle moves left."], ref)
+    assert short["object"] == short["colour"] == short["action"] == 0.5
+    assert short["event_order"] == 0.0 and short["parse_rate"] == 1.0
+    extra = score(["the red circle moves left, then the blue square grows, then the green circle rotates."], ref)
+    assert extra["object"] == extra["action"] == extra["event_order"] == 1.0
+    assert extra["exact"] == 0.0
+
+
+def test_order_is_a_subsequence_check():
+    ref = ["the red circle moves left, then the blue square grows."]
+    assert score(["the red circle moves left, then the green triangle rotates, then the blue square grows."],
+                 ref)["event_order"] == 1.0
+    assert score(["the red circle moves right, then the blue square grows."], ref)["event_order"] == 0.0
+
+
+def test_attributes_are_scored_separately():
+    ref = ["the red square turns green."]
+    s = score(["the red circle turns blue."], ref)
+    assert (s["object"], s["colour"], s["action"], s["to_colour"]) == (0.0, 1.0, 1.0, 0.0)
+    assert s["direction_within_axis"] is None  # colour is not a two-direction axis
+    s = score(["the yellow square shrinks."], ["the yellow square grows."])
+    assert (s["object"], s["colour"], s["action"], s["direction_within_axis"]) == (1.0, 1.0, 0.0, 0.0)
+    s = score(["the yellow square moves up."], ["the yellow square grows."])  # other axis: not a direction error
+    assert s["direction_within_axis"] is None and s["action"] == 0.0
+    s = score(["The Yellow Square grows"], ["the yellow square grows."])
+    assert s["exact"] == 1.0
+
+
+def test_random_direction_predictor_is_at_chance(clips):
+    rng = np.random.default_rng(0)
+    refs = [c.caption for c in clips]
+    preds = []
+    for clip in clips:
+        events = [e._replace(action=INVERSE[e.action])
+                  if AXIS[e.action] in DIRECTIONAL_AXES and rng.random() < 0.5 else e
+                  for e in clip_events(clip)]
+        preds.append(format_caption(events))
+    s = score(preds, refs)
+    assert 0.4 <= s["direction_within_axis"] <= 0.6
+    assert s["n_direction"] == score(refs, refs)["n_direction"]
+    assert s["object"] == s["colour"] == 1.0
+
+
+def test_directional_axes_are_the_two_way_ones():
+    assert set(DIRECTIONAL_AXES) == {"horizontal", "vertical", "size", "visibility"}
+
+
+def test_score_by_axis(clips):
+    refs = [c.caption for c in clips]
+    rev = [reverse_clip(c).caption for c in clips]
+    perfect = score_by_axis(refs, refs)
+    assert set(perfect) == set(AXIS.values())
+    assert sum(a["n_events"] for a in perfect.values()) == score(refs, refs)["n_events"]
+    by_axis = score_by_axis(rev, refs, align="object")
+    for axis in DIRECTIONAL_AXES:
+        assert by_axis[axis]["direction_within_axis"] == 0.0
+        assert perfect[axis]["direction_within_axis"] == 1.0
+    assert by_axis["rotation"]["direction_within_axis"] is None
+    assert by_axis["rotation"]["action"] == 1.0
+
+
+def test_align_events():
+    a, b = ParsedEvent("red", "circle", "grow"), ParsedEvent("blue", "square", "rotate")
+    assert align_events([a, b], [b, a]) == [b, a]
+    assert align_events([a, b], [b, a], align="object") == [a, b]
+    assert align_events([a, b], [a]) == [a, None]
+    recoloured = ParsedEvent("green", "circle", "recolour", "red")  # the same object, named by its other colour
+    assert align_events([a], [b, recoloured], align="object") == [recoloured]
+    with pytest.raises(ValueError, match="alignment"):
+        align_events([a], [a], align="time")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="2 predictions but 1 references"):
+        score(["x", "y"], ["the red circle grows."])
+    with pytest.raises(ValueError, match="reference 0 is not in the toy grammar"):
+        score(["the red circle grows."], ["a red circle left of a blue square."])
+    with pytest.raises(ValueError, match="alignment"):
+        score([], [], align="time")
+    empty = score([], [])
+    assert empty["n"] == 0 and empty["object"] is None and empty["exact"] is None
