@@ -24,13 +24,23 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The main job on the embedded default (the toy world), as the commands a user would type.
+# Re-running reuses finished steps (shards and checkpoints already complete are kept).
+TOY := $(DEMO)/toy
 demo: $(STAMP)
-	$(BIN)/engine synth --out $(DEMO)/toy --split test --n 64 --seed 0
-	$(BIN)/engine decode --shards '$(DEMO)/toy/test-*.tar' --frames 8 --limit 8
-	@echo "toy-world shards are in $(DEMO)/toy/ (mp4 + json scene graph + txt alt-text + gt.txt + qa.json)"
+	$(BIN)/engine synth --out $(TOY) --split pretrain --n 2000 --seed 0
+	$(BIN)/engine synth --out $(TOY) --split adapt --n 1000 --seed 0
+	$(BIN)/engine synth --out $(TOY) --split test --n 200 --seed 0
+	$(BIN)/engine decode --shards '$(TOY)/test-*.tar' --frames 8 --limit 4
+	$(BIN)/captioner pretrain-toy --shards '$(TOY)/pretrain-*.tar' --out $(DEMO)/base
+	$(BIN)/captioner adapt --stage visual --model $(DEMO)/base --shards '$(TOY)/adapt-*.tar' --out $(DEMO)/stage1
+	$(BIN)/captioner adapt --stage language --model $(DEMO)/stage1 --shards '$(TOY)/adapt-*.tar' --out $(DEMO)/stage2
+	$(BIN)/captioner generate --model $(DEMO)/stage2 --shards '$(TOY)/test-*.tar' --n 8
+	@echo "toy shards: $(TOY)/  captioner checkpoints: $(DEMO)/base, $(DEMO)/stage1, $(DEMO)/stage2"
 
 bench: $(STAMP)
 	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/generate.py
+	$(BIN)/python bench/captioner_toy.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

@@ -50,8 +50,11 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-n", type=int, default=200, help="test clips per evaluation")
     ap.add_argument("--segments", type=int, default=3, help="learning-curve points per adaptation stage")
     ap.add_argument("--out", help="result JSON (default bench/results/captioner_toy[_PRESET].json)")
+    ap.add_argument("--width", type=int, help="tiny model width (language model and vision tower)")
+    ap.add_argument("--layers", type=int, help="tiny model depth")
     args = ap.parse_args(argv)
-    work = Path(args.work) / args.preset
+    work = Path(args.work) / (args.preset + (f"-w{args.width}" if args.width else "")
+                              + (f"-l{args.layers}" if args.layers else ""))
     data = Path(args.work) / "toy"
     preset = PRESETS[args.preset]
     t_wall = time.perf_counter()
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     result: dict = {"benchmark": "captioner_toy", "command": "python bench/captioner_toy.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "preset": args.preset, "preset_config": preset,
         "data": SPLITS, "eval_clips": len(test[0]), "machine": {"platform": platform.platform(), "cpus": 2},
-        "curves": {}, "stages": {}}
+        "model": {"width": args.width, "layers": args.layers}, "curves": {}, "stages": {}}
     cpu0 = cpu_minutes()
 
     def run(stage: str, model: str, shards: str, out: Path, segments: int, curve: list | None) -> None:
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
 
     init = work / "init"
     if not (init / "config.json").exists():
-        build_tiny(init, vocab_from=str(data / "pretrain-*.tar"))
+        build_tiny(init, vocab_from=str(data / "pretrain-*.tar"), width=args.width, layers=args.layers)
     run("lm", str(init), str(data / "pretrain-*.tar"), work / "base" / "lm", 1, None)
     run("image", str(work / "base" / "lm"), str(data / "pretrain-*.tar"), work / "base", 1, None)
     result["base_cpu_min"] = round(cpu_minutes() - cpu0, 2)

@@ -20,9 +20,9 @@ from captioner import __version__
 
 PRESETS: dict[str, dict[str, dict]] = {
     # per stage: TrainConfig overrides. 'quick' is the demo's default.
-    "quick": {"lm": {"steps": 400, "lr": 2e-3}, "image": {"steps": 300, "lr": 1e-3},
-              "visual": {"steps": 300, "lr": 2e-3, "frames": 4},
-              "language": {"steps": 300, "lr": 1e-3, "frames": 4}},
+    "quick": {"lm": {"steps": 600, "lr": 2e-3}, "image": {"steps": 2000, "lr": 2e-3},
+              "visual": {"steps": 2000, "lr": 2e-3, "frames": 4},
+              "language": {"steps": 1000, "lr": 1e-3, "frames": 4}},
     "full": {"lm": {"steps": 1500, "lr": 2e-3}, "image": {"steps": 1500, "lr": 1e-3},
              "visual": {"steps": 2000, "lr": 2e-3, "frames": 8},
              "language": {"steps": 1500, "lr": 1e-3, "frames": 8}},
@@ -94,8 +94,12 @@ def _pretrain_toy(args: argparse.Namespace) -> int:
 
 
 def _adapt(args: argparse.Namespace) -> int:
-    from captioner.train import train
+    from captioner.train import read_state, train
 
+    state = read_state(args.out)
+    if state and state.get("finished") and state["config"]["stage"] == args.stage and not args.resume:
+        print(f"{args.stage}: {args.out} is already trained ({state['step']} steps); --resume to extend it")
+        return 0
     summary = train(_config(args, args.stage, args.model, args.out), progress=not args.quiet)
     print(f"{args.stage} adaptation: {summary['step']} steps, loss {summary.get('loss', float('nan')):.3f} "
           f"-> {args.out}")
@@ -106,8 +110,14 @@ def _generate(args: argparse.Namespace) -> int:
     from captioner.evaluate import caption_clips, load_eval_clips
     from captioner.load import load_captioner
 
+    from captioner.train import read_state
+
+    frames = args.frames
+    if frames is None:  # caption with as many frames as the checkpoint was trained on
+        state = read_state(args.model) if Path(args.model).is_dir() else None
+        frames = state["config"]["frames"] if state else 8
     cap = load_captioner(args.model, backend=args.backend, dtype=args.dtype)
-    clips, refs = load_eval_clips(args.shards, frames=args.frames, limit=args.n)
+    clips, refs = load_eval_clips(args.shards, frames=frames, limit=args.n)
     texts = caption_clips(cap, clips, mode=args.mode, batch_size=args.batch_size)
     for c, t, r in zip(clips, texts, refs):
         print(f"{c.key:<22} {t}" + (f"\n{'':<22} gt: {r}" if r else ""))
@@ -161,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True)
     p.add_argument("--shards", required=True)
     p.add_argument("--n", type=int, default=8)
-    p.add_argument("--frames", type=int, default=8)
+    p.add_argument("--frames", type=int, help="frames per clip (default: what the checkpoint was trained on, else 8)")
     p.add_argument("--mode", default="video", choices=["video", "middle-frame"])
     p.add_argument("--backend", default="hf", choices=["hf", "vllm"])
     p.add_argument("--dtype", default="auto")

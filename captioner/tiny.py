@@ -159,7 +159,7 @@ def build_tiny(out: str | Path, vocab_from: str | None = None, name: str = "qwen
     pixels = image_size * image_size
     image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=pixels)
     video_processor = Qwen2VLVideoProcessor(size={"shortest_edge": 56 * 56, "longest_edge": pixels},
-                                            do_sample_frames=False)
+                                            do_sample_frames=False, cap_pixels_per_frame=False)
     processor = Qwen2VLProcessor(image_processor=image_processor, tokenizer=tok, video_processor=video_processor,
                                  chat_template=CHAT_TEMPLATE)
     model.save_pretrained(out, safe_serialization=True)

@@ -16,7 +16,7 @@ from engine import __version__
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from engine.synth import SynthConfig, synth
+    from engine.synth import SynthConfig, committed, synth
 
     try:
         cfg = SynthConfig(split=args.split, n=args.n, seed=args.seed, frames=args.frames, size=args.size,
@@ -24,6 +24,9 @@ def _synth(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"engine synth: {exc}", file=sys.stderr)
         return 2
+    if committed(cfg, args.out):
+        print(f"{args.out}: {cfg.split} shards of this exact configuration are already complete; reusing them")
+        return 0
     paths = synth(cfg, args.out, progress=not args.quiet)
     print(f"wrote {cfg.n} {cfg.split} samples in {len(paths)} shard(s): {paths[0]}"
           + (f" .. {paths[-1].name}" if len(paths) > 1 else ""))

@@ -415,6 +415,17 @@ def generate_samples(cfg: SynthConfig) -> Iterator[dict]:
         index += 1
 
 
+def committed(cfg: SynthConfig, out: str | Path) -> list[Path] | None:
+    """The split's shard paths if an identical configuration already committed all of them, else None."""
+    from engine.shards import read_stats
+
+    names = [f"{cfg.split}-{k:05d}.tar" for k in range(-(-cfg.n // cfg.shard_size))]
+    stats = [read_stats(out, name) for name in names]
+    if all(s is not None and s.config_hash == cfg.config_hash() for s in stats):
+        return [Path(out) / name for name in names]
+    return None
+
+
 def synth(cfg: SynthConfig, out: str | Path, progress: bool = True) -> list[Path]:
     """Writes ``out/{split}-NNNNN.tar`` shards (plus their stats and empty ledgers).
 
@@ -428,6 +439,9 @@ def synth(cfg: SynthConfig, out: str | Path, progress: bool = True) -> list[Path
     from engine import __version__
     from engine.shards import ShardWriter
 
+    done = committed(cfg, out)
+    if done is not None:
+        return done  # an identical earlier run committed every shard: nothing to redo
     paths: list[Path] = []
     writer: ShardWriter | None = None
     t0 = time.perf_counter()

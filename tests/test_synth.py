@@ -149,3 +149,14 @@ def test_bad_synth_arguments_are_named():
     with pytest.raises(ValueError, match="--split") as err:
         SynthConfig(split="nope", n=0)
     assert "--n" in str(err.value)
+
+
+def test_rerun_reuses_committed_shards_and_redoes_changed_ones(tmp_path):
+    from engine.cli import main
+
+    assert main(["synth", "--out", str(tmp_path), "--split", "test", "--n", "3", "--quiet"]) == 0
+    before = (tmp_path / "test-00000.tar").stat().st_mtime_ns
+    assert main(["synth", "--out", str(tmp_path), "--split", "test", "--n", "3", "--quiet"]) == 0
+    assert (tmp_path / "test-00000.tar").stat().st_mtime_ns == before
+    assert main(["synth", "--out", str(tmp_path), "--split", "test", "--n", "3", "--seed", "1", "--quiet"]) == 0
+    assert (tmp_path / "test-00000.tar").stat().st_mtime_ns != before

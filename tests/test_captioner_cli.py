@@ -1,0 +1,36 @@
+"""The `captioner` command end to end on tiny data: tiny -> pretrain-toy -> adapt x2 -> generate."""
+
+from __future__ import annotations
+
+import json
+
+from captioner.cli import main
+from engine.synth import SynthConfig, synth
+
+
+def test_chain_of_commands_runs_and_reruns_reuse_finished_steps(tmp_path, capsys):
+    toy = tmp_path / "toy"
+    synth(SynthConfig(split="pretrain", n=32, seed=2), toy, progress=False)
+    synth(SynthConfig(split="adapt", n=16, seed=2), toy, progress=False)
+    synth(SynthConfig(split="test", n=4, seed=2), toy, progress=False)
+    few = ["--steps", "4", "--batch-size", "4", "--warmup", "1", "--quiet"]
+    assert main(["pretrain-toy", "--shards", str(toy / "pretrain-*.tar"), "--out", str(tmp_path / "base"), *few]) == 0
+    for stage, src, dst in (("visual", "base", "s1"), ("language", "s1", "s2")):
+        assert main(["adapt", "--stage", stage, "--model", str(tmp_path / src), "--shards",
+                     str(toy / "adapt-*.tar"), "--out", str(tmp_path / dst), "--frames", "4", *few]) == 0
+    state = json.loads((tmp_path / "s2" / "trainer_state.json").read_text())
+    assert state["finished"] and state["step"] == 4 and state["config"]["stage"] == "language"
+    capsys.readouterr()
+    assert main(["adapt", "--stage", "language", "--model", str(tmp_path / "s1"), "--shards",
+                 str(toy / "adapt-*.tar"), "--out", str(tmp_path / "s2"), *few]) == 0
+    assert "already trained" in capsys.readouterr().out
+    assert main(["generate", "--model", str(tmp_path / "s2"), "--shards", str(toy / "test-*.tar"), "--n", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("gt: the ") == 3
+
+
+def test_bad_flags_are_named(tmp_path, capsys):
+    assert main(["adapt", "--stage", "visual", "--model", "x", "--shards", "y", "--out", str(tmp_path),
+                 "--steps", "0", "--lr", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--steps" in err and "--lr" in err
