@@ -169,3 +169,17 @@ def test_adaptation_stages_freeze_the_other_side(tiny_dir, toy, tmp_path, stage,
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all((".visual." in f".{k}") == (stage == "visual") for k in changed), sorted(changed)[:5]
     assert any(moves in k for k in changed)
+
+
+def test_lora_adaptation_merges_into_a_plain_checkpoint(tiny_dir, toy, tmp_path):
+    pytest.importorskip("peft")
+    from captioner.train import TrainConfig, train
+
+    train(TrainConfig(stage="language", model=str(tiny_dir), shards=str(toy / "adapt-*.tar"), out=str(tmp_path / "l"),
+                      steps=3, batch_size=4, frames=4, warmup=1, lr=1e-2, lora=True, lora_rank=4), progress=False)
+    before, after = _params(tiny_dir), _params(tmp_path / "l")
+    assert set(before) == set(after)  # merged: no adapter tensors left, loads like any checkpoint
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and not any(".visual." in f".{k}" for k in changed)
+    assert load_captioner(str(tmp_path / "l")).caption([Clip("x", np.zeros((4, 112, 112, 3), np.uint8))], VIDEO,
+                                                       GenerationParams(max_new_tokens=3))[0].ok
