@@ -20,8 +20,8 @@ from captioner import __version__
 
 PRESETS: dict[str, dict[str, dict]] = {
     # per stage: TrainConfig overrides. 'quick' is the demo's default.
-    "quick": {"lm": {"steps": 600, "lr": 2e-3}, "image": {"steps": 2000, "lr": 2e-3},
-              "visual": {"steps": 2000, "lr": 2e-3, "frames": 4},
+    "quick": {"lm": {"steps": 600, "lr": 2e-3}, "image": {"steps": 4000, "lr": 1e-3},
+              "visual": {"steps": 2000, "lr": 1e-3, "frames": 4},
               "language": {"steps": 1000, "lr": 1e-3, "frames": 4}},
     "full": {"lm": {"steps": 1500, "lr": 2e-3}, "image": {"steps": 1500, "lr": 1e-3},
              "visual": {"steps": 2000, "lr": 2e-3, "frames": 8},

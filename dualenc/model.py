@@ -149,12 +149,28 @@ def create_model(name: str, temporal: str | None = None, pretrained: str | None 
     Raises:
         ValueError: unknown name or head.
     """
-    import open_clip
-    from open_clip.tokenizer import HFTokenizer
-
     cfg = _merge(get_model_config(name), overrides)
     if temporal is not None:
         cfg["temporal"] = {"type": temporal, **{k: v for k, v in (cfg.get("temporal") or {}).items() if k != "type"}}
+    if pretrained_text and "custom" in cfg["clip"]:
+        text_cfg = cfg["clip"]["custom"]["text_cfg"]
+        text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = str(pretrained_text)
+    return build_model(cfg, pretrained=pretrained, pretrained_image=pretrained_image,
+                       pretrained_text=bool(pretrained_text))
+
+
+def build_model(cfg: dict, pretrained: str | None = None, pretrained_image: str | None = None,
+                pretrained_text: bool = False) -> VideoTextModel:
+    """Builds a dual encoder from a resolved config (as `create_model` makes, or a checkpoint records).
+
+    Args:
+        pretrained_text: load a Hugging Face text tower's own weights (else only its architecture:
+            a checkpoint's weights follow).
+    """
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+
+    cfg = copy.deepcopy(cfg)
     clip_cfg = cfg["clip"]
     if "name" in clip_cfg:
         model = open_clip.create_model(clip_cfg["name"], pretrained=pretrained or clip_cfg.get("pretrained"))
@@ -164,13 +180,10 @@ def create_model(name: str, temporal: str | None = None, pretrained: str | None 
     else:
         custom = copy.deepcopy(clip_cfg["custom"])
         text_cfg = custom["text_cfg"]
-        if pretrained_text:
-            text_cfg["hf_model_name"] = text_cfg["hf_tokenizer_name"] = str(pretrained_text)
         if text_cfg.get("hf_model_name"):
-            text_cfg.setdefault("hf_model_pretrained", bool(pretrained_text))
+            text_cfg["hf_model_pretrained"] = pretrained_text
             model = open_clip.CustomTextCLIP(**custom)
-            tokenizer = HFTokenizer(text_cfg["hf_tokenizer_name"],
-                                              context_length=text_cfg.get("context_length", 32))
+            tokenizer = HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=text_cfg.get("context_length", 32))
         else:
             model = open_clip.CLIP(**custom)
             tokenizer = open_clip.SimpleTokenizer(context_length=text_cfg.get("context_length", 77))
