@@ -41,6 +41,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/captioner_toy.py
+	$(BIN)/python bench/temporal_toy.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
