@@ -40,8 +40,9 @@ and ASF; so PyAV, the reference, comes first. decord stays available by name."""
 class Sampling:
     """Which frames to take: exactly one of ``n`` (uniform), ``fps`` or ``indices``.
 
-    Uniform sampling takes the centre frame of ``n`` equal segments (TSN-style),
-    so it never depends on the last frame, which containers often lie about.
+    Uniform sampling takes the centre frame of ``n`` equal segments (TSN-style), so it never
+    depends on the last frame, which containers often lie about; ties at segment boundaries are
+    broken mirror-symmetrically, so a reversed clip samples the reversed frames.
     """
 
     n: int | None = None
@@ -78,7 +79,14 @@ class Sampling:
             return []
         last = num_frames - 1
         if self.n is not None:
-            return [min(last, int((i + 0.5) * num_frames / self.n)) for i in range(self.n)]
+            # segment centres, floored in the first half and ceiled-minus-one in the second, so the rule is
+            # mirror-symmetric: a clip and its time reversal sample the same frames (order-blind heads
+            # then see identical inputs, as the reversal probes assume)
+            out = []
+            for i in range(self.n):
+                x = (i + 0.5) * num_frames / self.n
+                out.append(min(last, int(math.floor(x)) if 2 * i + 1 <= self.n else int(math.ceil(x)) - 1))
+            return out
         if self.fps is not None:
             step = (fps or self.fps) / self.fps
             out = [min(last, int(round(i * step))) for i in range(max(1, int(num_frames / step + 1e-9)))]

@@ -21,11 +21,21 @@ def clip_bytes():
 
 
 def test_uniform_sampling_takes_segment_centres():
-    assert Sampling.uniform(4).resolve(16, 8.0) == [2, 6, 10, 14]
+    assert Sampling.uniform(4).resolve(16, 8.0) == [2, 6, 9, 13]
+    assert Sampling.uniform(8).resolve(300, 30.0) == [18, 56, 93, 131, 168, 206, 243, 281]
     assert Sampling.uniform(8).resolve(3, 8.0) == [0, 0, 0, 1, 1, 2, 2, 2]  # short clips repeat frames
     assert Sampling.at_fps(2).resolve(16, 8.0) == [0, 4, 8, 12]
     assert Sampling.at_fps(30, max_frames=4).resolve(16, 8.0) == [2, 6, 10, 14]
     assert Sampling.at([0, 5, 99]).resolve(16, 8.0) == [0, 5, 15]  # clamped to what exists
+
+
+def test_uniform_sampling_of_a_reversed_clip_takes_the_reversed_frames():
+    for frames in range(1, 70):
+        for n in (1, 2, 3, 4, 6, 8, 16):
+            if n % 2 and frames % 2 == 0:
+                continue  # an odd count of an even clip has no middle frame to mirror onto itself
+            idx = Sampling.uniform(n).resolve(frames, 8.0)
+            assert sorted(idx) == sorted(frames - 1 - i for i in idx), (frames, n, idx)
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"n": 0}, {"n": 2, "fps": 1.0}, {"indices": ()}, {"fps": -1.0}])
@@ -38,7 +48,7 @@ def test_bad_sampling_is_rejected(kwargs):
 def test_each_backend_returns_frames_indices_and_timestamps(clip_bytes, backend):
     out = decode_video(clip_bytes, Sampling.uniform(4), backend=backend)
     assert out.frames.shape == (4, 112, 112, 3) and out.frames.dtype == np.uint8
-    assert out.indices == [2, 6, 10, 14] and out.num_frames == 16 and out.backend == backend
+    assert out.indices == [2, 6, 9, 13] and out.num_frames == 16 and out.backend == backend
     assert out.timestamps == pytest.approx([i / 8.0 for i in out.indices], abs=1e-3)
 
 
