@@ -503,7 +503,10 @@ def _batches(dataset: VideoTextBatches, workers: int) -> Iterator[dict]:
 
 def cache_config_hash(frames: int, size: int, text_keys: Sequence[str], backend: str) -> str:
     """The config hash of a frame cache: what decides its content (frames, size, text members, decoder)."""
-    spec = {"frames": frames, "size": size, "text_keys": list(text_keys), "backend": backend, "format": 1}
+    from engine.decode import SAMPLING_VERSION
+
+    spec = {"frames": frames, "size": size, "text_keys": list(text_keys), "backend": backend, "format": 1,
+            "sampling": SAMPLING_VERSION}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -28,6 +28,8 @@ import numpy as np
 from engine.errors import BackendUnavailable, DecodeError
 
 BACKENDS = ("av", "decord", "torchcodec")
+SAMPLING_VERSION = 2
+"""Bumped whenever a `Sampling` rule picks different frames: caches of sampled frames key on it."""
 AUTO_ORDER = ("av", "decord", "torchcodec")
 """Preference of ``backend="auto"``: fastest first, as measured by bench/decode.py (bench/results/decode.json).
 
