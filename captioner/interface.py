@@ -97,12 +97,7 @@ class Captioner:
     def weights_hash(self) -> str | None:
         """sha256 over the checkpoint's safetensors files (computed once, lazily)."""
         if self._weights_hash is None and self.weights_dir is not None:
-            h = hashlib.sha256()
-            for f in sorted(self.weights_dir.glob("*.safetensors")):
-                with open(f, "rb") as fh:
-                    for block in iter(lambda: fh.read(1 << 22), b""):
-                        h.update(block)
-            self._weights_hash = h.hexdigest()[:16]
+            self._weights_hash = weights_hash_of(self.weights_dir)
         return self._weights_hash
 
     def fit(self, clip: Clip, prompt: PromptTemplate, params: GenerationParams) -> Budgeted:
@@ -170,6 +165,19 @@ class Captioner:
                                                    error=f"generation-failed: {type(exc).__name__}: {exc}",
                                                    latency_s=time.perf_counter() - t0)
         return [results[i] for i in range(len(clips))]
+
+
+def weights_hash_of(checkpoint: str | Path) -> str | None:
+    """sha256 (16 hex digits) over a local checkpoint's safetensors files, in name order; None for a hub id."""
+    directory = Path(checkpoint)
+    if not directory.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(directory.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def _resize(frames: np.ndarray, h: int, w: int) -> np.ndarray:

@@ -58,6 +58,7 @@ class Provenance(Spec):
     backend: Literal["hf", "vllm"] | None = None
     prompt_id: str | None = None
     prompt_hash: str | None = None
+    sampling: str | None = Field(None, description="the frame sampling rule asked for, e.g. 'uniform-8@v2'")
     frame_indices: list[int] = Field(default_factory=list)
     frame_timestamps: list[float] = Field(default_factory=list)
     decoder: str | None = Field(None, description="the backend that decoded the frames")
@@ -66,6 +67,7 @@ class Provenance(Spec):
     output_tokens: int | None = None
     finish_reason: Literal["stop", "length", "error"] | None = None
     latency_s: float | None = None
+    budget_note: str | None = Field(None, description="what the token budget changed (fewer frames, lower resolution)")
     engine_version: str
 
 
@@ -95,6 +97,7 @@ class ShardStats(Spec):
     n_input: int = Field(ge=0, description="samples seen, good and bad")
     n_ok: int = Field(ge=0)
     n_failed: int = Field(ge=0)
+    n_reused: int = Field(0, ge=0, description="outputs carried over unchanged from an earlier run of the shard")
     failures_by_reason: dict[str, int] = Field(default_factory=dict)
     seconds: dict[str, float] = Field(default_factory=dict, description="wall time by stage")
     clips_per_s: float | None = None

@@ -1,7 +1,11 @@
-"""The `engine` command: toy-world shards and a look at what shards hold.
+"""The `engine` command: toy-world shards, captioning shards at scale, and checks of what was written.
 
-    engine synth --out toy/ --split test --n 1000 --seed 0
+    engine synth --out toy/ --split pool --n 1000 --seed 0
     engine decode --shards 'toy/test-*.tar' --frames 8 --limit 5
+    engine caption --shards 'toy/pool-*.tar' --out captioned/ --model stage2/ --batch-size 16
+    engine stats captioned/
+    engine verify --inputs 'toy/pool-*.tar' --out captioned/
+    engine retry-failed captioned/
 
 `main(argv)` returns an exit code (tests call it); `run()` is the console entry point.
 """
@@ -84,6 +88,164 @@ def _decode(args: argparse.Namespace) -> int:
     return 0 if n_ok else 1
 
 
+_JOB_FLAGS = ("model", "backend", "prompt", "frames", "batch_size", "max_new_tokens", "num_beams", "do_sample",
+              "temperature", "top_p", "seed", "decode_workers", "decode_backend", "decode_timeout", "max_pixels",
+              "dtype", "device", "revision")
+
+
+def _job_from_args(args: argparse.Namespace):
+    """The job: defaults, then ``--config FILE`` (JSON), then the flags given on the command line."""
+    import json
+
+    from engine.caption import CaptionJob
+
+    data: dict = {}
+    if args.config:
+        raw = json.loads(open(args.config).read())
+        data.update(raw.get("job", raw))  # an earlier run's engine_job.json works as a config too
+    data.update({k: getattr(args, k) for k in _JOB_FLAGS if getattr(args, k) is not None})
+    if "model" not in data:
+        raise ValueError("--model is required (or a --config that names one)")
+    return CaptionJob.from_dict(data, source=args.config or "flags")
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from engine.caption import ConfigMismatch
+    from engine.executors import run_caption
+    from engine.verify import format_summary, summarize
+
+    try:
+        job = _job_from_args(args)
+        options = {"address": args.ray_address, "actors": args.ray_actors} if args.executor == "ray" else {}
+        result = run_caption(job, args.shards, args.out, executor=args.executor, progress=not args.quiet,
+                             recaption_if_changed=args.recaption_if_changed, **options)
+    except (ValueError, ConfigMismatch, ImportError) as exc:
+        print(f"engine caption: {exc}", file=sys.stderr)
+        return 2
+    if result.skipped:
+        print(f"{len(result.skipped)} shard(s) already complete with this configuration ({result.config_hash}); "
+              "kept as they are")
+    if result.written:
+        print(f"captioned {result.n_ok} clip(s) in {len(result.written)} shard(s), {result.n_failed} failed "
+              f"(see {args.out}/*.errors.jsonl)")
+    if not args.quiet:
+        print(format_summary(summarize(args.out)))
+    return 0
+
+
+def _retry_failed(args: argparse.Namespace) -> int:
+    from engine.caption import CaptionJob, read_job_file
+    from engine.executors import run_caption
+
+    try:
+        recorded = read_job_file(args.out)
+        data = dict(recorded["job"])
+        if args.decode_timeout is not None:
+            data["decode_timeout"] = args.decode_timeout
+        job = CaptionJob.from_dict(data, source=f"{args.out}/engine_job.json")
+        result = run_caption(job, recorded["inputs"], args.out, progress=not args.quiet, retry_failed=True)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"engine retry-failed: {exc}", file=sys.stderr)
+        return 2
+    redone = result.written
+    print(f"retried {len(redone)} shard(s) with ledger rows: {sum(s.n_ok - s.n_reused for s in redone)} newly "
+          f"captioned, {result.n_failed} still failing")
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import json
+
+    from engine.verify import format_summary, summarize
+
+    summary = summarize(args.out)
+    if summary["shards"] == 0:
+        print(f"engine stats: no *_stats.json in {args.out}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from engine.verify import verify
+
+    report = verify(args.inputs, args.out)
+    for p in report.problems:
+        print(f"problem: {p}", file=sys.stderr)
+    print(f"{report.shards} shard(s): {report.input_keys} input keys, {report.output_keys} in outputs, "
+          f"{report.ledger_keys} in ledgers: " + ("OK, every key exactly once" if report.ok else
+                                                  f"{len(report.problems)} problem(s)"))
+    return 0 if report.ok else 1
+
+
+def _add_caption_parser(sub, fmt) -> None:
+    p = sub.add_parser(
+        "caption", formatter_class=fmt, help="caption every clip of video shards with a VLM (resumable)",
+        description="Caption every clip of the input shards and write output shards of the same names to --out: "
+        "every input member unchanged, the caption as txt (the alt-text moves to alt.txt), caption.json with "
+        "provenance; failed keys go to NNNNN.errors.jsonl and NNNNN_stats.json commits the shard. Re-running "
+        "skips committed shards and redoes interrupted ones; decoding overlaps captioning.",
+        epilog="Examples:\n  engine caption --shards 'toy/pool-*.tar' --out cap/ --model stage2/\n"
+        "  engine caption --shards 'web/{00000..00999}.tar' --out cap/ --model Qwen/Qwen2-VL-2B-Instruct "
+        "--backend vllm --batch-size 64 --decode-workers 8\n"
+        "  engine caption --shards 'toy/pool-*.tar' --out frames/ --model base/ --frames 1   "
+        "# per-frame baseline")
+    p.add_argument("--shards", required=True, nargs="+", help="input shard patterns: braces, globs, fsspec URLs")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--config", help="a JSON file of job fields (an earlier run's engine_job.json works); flags "
+                   "given here override it")
+    p.add_argument("--model", help="checkpoint directory or hub id (required unless --config names it)")
+    p.add_argument("--backend", choices=["hf", "vllm"], help="captioner backend [hf]")
+    p.add_argument("--prompt", help="prompt template id [caption-video-v1; caption-frame-v1 with --frames 1]")
+    p.add_argument("--frames", type=int, help="uniformly sampled frames per clip [8]")
+    p.add_argument("--batch-size", type=int, help="clips per generate call [16]")
+    p.add_argument("--max-new-tokens", type=int, help="[64]")
+    p.add_argument("--num-beams", type=int, help="[1: greedy]")
+    p.add_argument("--do-sample", action="store_true", default=None, help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, help="[1.0] with --do-sample")
+    p.add_argument("--top-p", type=float, help="[1.0] with --do-sample")
+    p.add_argument("--seed", type=int, help="sampling seed")
+    p.add_argument("--decode-workers", type=int, help="decode worker processes [2]")
+    p.add_argument("--decode-backend", choices=["auto", "av", "decord", "torchcodec"], help="[auto]")
+    p.add_argument("--decode-timeout", type=float, help="seconds per clip before its decode is killed [60]")
+    p.add_argument("--max-pixels", type=int, help="larger frames are downscaled [921600 = 1280x720]")
+    p.add_argument("--dtype", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16 [auto]")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (hf backend) [auto]")
+    p.add_argument("--revision", help="hub revision of --model")
+    p.add_argument("--recaption-if-changed", action="store_true",
+                   help="update an output written by another configuration: re-caption only samples whose "
+                   "provenance (model weights, prompt, generation parameters, sampling) differs")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: this process; ray: one captioner actor per GPU (or per CPU) on a Ray cluster")
+    p.add_argument("--ray-address", help="Ray cluster address (default: start or join a local one)")
+    p.add_argument("--ray-actors", type=int, help="captioner actors (default: one per GPU, else one per CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    p.set_defaults(func=_caption)
+
+    p = sub.add_parser("retry-failed", formatter_class=fmt, help="re-run only the keys in an output's ledgers",
+                       description="Re-read the inputs of shards whose ledger has rows and caption only the keys "
+                       "that failed, with the job configuration recorded in OUT/engine_job.json; outputs that "
+                       "succeeded before are carried over unchanged.")
+    p.add_argument("out", help="an `engine caption` output directory")
+    p.add_argument("--decode-timeout", type=float, help="override the recorded per-clip decode timeout")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_retry_failed)
+
+    p = sub.add_parser("stats", formatter_class=fmt, help="summary of an output directory's shards",
+                       description="Totals, failures by reason, throughput and the time split over the "
+                       "directory's committed shards (their *_stats.json).")
+    p.add_argument("out", help="an `engine caption` (or synth) output directory")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_stats)
+
+    p = sub.add_parser("verify", formatter_class=fmt, help="check every input key is in exactly one of output "
+                       "or ledger", description="Exit 0 when every input shard is committed, every output shard "
+                       "reads whole, and every input key is exactly once in the output or the error ledger.")
+    p.add_argument("--inputs", required=True, nargs="+", help="the input shard patterns of the job")
+    p.add_argument("--out", required=True, help="the job's output directory")
+    p.set_defaults(func=_verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="engine", description="pseudocap's data engine: shards in, shards out.",
@@ -123,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per clip before its decode is killed")
     p.add_argument("--max-pixels", type=int, default=1280 * 720, help="larger frames are downscaled")
     p.set_defaults(func=_decode)
+    _add_caption_parser(sub, argparse.RawDescriptionHelpFormatter)
     return parser
 
 

@@ -18,6 +18,7 @@ import atexit
 import multiprocessing as mp
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -88,10 +89,12 @@ class _Slot:
             if self.proc is None or not self.proc.is_alive():
                 self._kill()
                 self._start()
+            t0 = time.perf_counter()
             try:
                 self.conn.send(job)
                 if self.conn.poll(timeout):
                     ok, value = self.conn.recv()
+                    future.decode_seconds = time.perf_counter() - t0  # worker time, for the job's time split
                     future.set_result(value) if ok else future.set_exception(value)
                 else:
                     self._kill()

@@ -29,6 +29,7 @@ from webdataset.tariterators import base_plus_ext
 
 from data_specs import VIDEO_EXTENSIONS, ErrorRow, ShardStats
 from engine.errors import SHARD_KEY, MemberError, SampleError, ShardReadError
+from engine.faults import crash_point
 
 Handler = Callable[[SampleError], bool]
 """webdataset's handler protocol: return True to go on, False to stop; raise to abort."""
@@ -367,9 +368,15 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
+        # An older marker must go first: a kill after the rename below must not leave a new tar
+        # beside a stale marker that claims it (the next run would trust the wrong counts).
+        stats_path(self.out_dir, self.name).unlink(missing_ok=True)
+        crash_point("commit:before-rename")
         os.replace(self.tmp, self.path)
+        crash_point("commit:after-rename")
         rows = "".join(r.model_dump_json() + "\n" for r in self.errors)
         _atomic_write_bytes(ledger_path(self.out_dir, self.name), rows.encode())
+        crash_point("commit:after-ledger")
         by_reason: dict[str, int] = {}
         for r in self.errors:
             by_reason[r.reason] = by_reason.get(r.reason, 0) + 1
