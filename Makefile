@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,decord]'
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,decord,ray]'
 	touch $(STAMP)
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
@@ -23,19 +23,23 @@ test: $(STAMP)
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
-# The main job on the embedded default (the toy world), as the commands a user would type.
-# Re-running reuses finished steps (shards and checkpoints already complete are kept).
+# The main job on the embedded default (the toy world), as the commands a user would type:
+# a base image VLM, its two-stage adaptation to video, then `engine caption` over the unlabeled pool.
+# Re-running reuses finished steps (committed shards and finished checkpoints are kept).
 TOY := $(DEMO)/toy
 demo: $(STAMP)
 	$(BIN)/engine synth --out $(TOY) --split pretrain --n 2000 --seed 0
 	$(BIN)/engine synth --out $(TOY) --split adapt --n 1000 --seed 0
-	$(BIN)/engine synth --out $(TOY) --split test --n 200 --seed 0
-	$(BIN)/engine decode --shards '$(TOY)/test-*.tar' --frames 8 --limit 4
+	$(BIN)/engine synth --out $(TOY) --split pool --n 1000 --seed 0
 	$(BIN)/captioner pretrain-toy --shards '$(TOY)/pretrain-*.tar' --out $(DEMO)/base
 	$(BIN)/captioner adapt --stage visual --model $(DEMO)/base --shards '$(TOY)/adapt-*.tar' --out $(DEMO)/stage1
 	$(BIN)/captioner adapt --stage language --model $(DEMO)/stage1 --shards '$(TOY)/adapt-*.tar' --out $(DEMO)/stage2
-	$(BIN)/captioner generate --model $(DEMO)/stage2 --shards '$(TOY)/test-*.tar' --n 8
+	$(BIN)/engine caption --shards '$(TOY)/pool-*.tar' --out $(DEMO)/captioned --model $(DEMO)/stage2 \
+	    --frames 4 --batch-size 32 --max-new-tokens 24
+	$(BIN)/engine verify --inputs '$(TOY)/pool-*.tar' --out $(DEMO)/captioned
+	$(BIN)/captioner score-toy --shards '$(DEMO)/captioned/pool-*.tar' --n 6
 	@echo "toy shards: $(TOY)/  captioner checkpoints: $(DEMO)/base, $(DEMO)/stage1, $(DEMO)/stage2"
+	@echo "pseudo-captioned pool shards: $(DEMO)/captioned/  (summary: $(BIN)/engine stats $(DEMO)/captioned)"
 
 bench: $(STAMP)
 	$(BIN)/python bench/decode.py

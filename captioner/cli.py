@@ -124,6 +124,33 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score_toy(args: argparse.Namespace) -> int:
+    from captioner.toy_metrics import score
+    from engine.shards import ErrorCollector, read_samples, read_text
+
+    preds, refs, keys = [], [], []
+    errors = ErrorCollector()
+    for sample in read_samples(args.shards, handler=errors):
+        pred, ref = read_text(sample, args.text_key), read_text(sample, args.ref_key)
+        if pred is None or ref is None:
+            continue
+        keys.append(sample["__key__"])
+        preds.append(pred)
+        refs.append(ref)
+    if not preds:
+        print(f"captioner score-toy: no sample of {args.shards} has both {args.text_key!r} and {args.ref_key!r}",
+              file=sys.stderr)
+        return 2
+    for k, p, r in list(zip(keys, preds, refs))[:args.n]:
+        print(f"{k:<22} {p}\n{'':<22} gt: {r}")
+    metrics = score(preds, refs)
+    print(f"accuracy over {len(preds)} clip(s) ({args.text_key} against {args.ref_key}):")
+    for name in ("object", "colour", "action", "direction_within_axis", "event_order", "exact"):
+        value = metrics.get(name)
+        print(f"  {name:<22} {'-' if value is None else f'{value:.3f}'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(prog="captioner", formatter_class=fmt, description=(
@@ -177,6 +204,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("score-toy", formatter_class=fmt, help="score toy-world captions in shards against gt.txt",
+                       description="Read captioned toy-world shards (e.g. `engine caption` output) and print a few "
+                       "captions beside their ground truth and the accuracy per attribute (object, colour, action, "
+                       "direction within its axis, event order, exact match).")
+    p.add_argument("--shards", required=True, nargs="+")
+    p.add_argument("--text-key", default="txt", help="member holding the caption to score")
+    p.add_argument("--ref-key", default="gt.txt", help="member holding the ground truth")
+    p.add_argument("--n", type=int, default=6, help="examples to print")
+    p.set_defaults(func=_score_toy)
     return parser
 
 

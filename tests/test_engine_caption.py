@@ -368,3 +368,34 @@ def test_memory_stays_bounded_over_ten_times_the_samples(model_dir, tmp_path):
         assert proc.returncode == 0, proc.stderr[-2000:]
         peaks[n] = int(proc.stdout.split()[-1])
     assert peaks[120] <= 1.2 * peaks[12], peaks
+
+
+# =========================================================================== Ray
+
+@pytest.fixture(scope="module")
+def local_ray(tmp_path_factory):
+    ray = pytest.importorskip("ray")
+    once = tmp_path_factory.mktemp("ray") / "crashed-once"
+    # The actors inherit this environment: the first actor to finish a batch dies, once.
+    os.environ.update(PSEUDOCAP_CRASH_AT="shard:after-batch@1", PSEUDOCAP_CRASH_ONCE=str(once),
+                      PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        for k in ("PSEUDOCAP_CRASH_AT", "PSEUDOCAP_CRASH_ONCE"):
+            os.environ.pop(k)
+    yield once
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_executor_replaces_a_dead_actor_and_writes_what_local_writes(local_ray, reference, pool_shards,
+                                                                         model_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run_caption(CaptionJob(model=model_dir, **SMALL), pool_shards, out, executor="ray", progress=False,
+                         actors=2, cpus_per_actor=1)
+    assert local_ray.exists(), "an actor was killed mid-shard"
+    assert sorted(s.shard for s in result.written) == sorted(_outputs(reference))
+    assert verify(pool_shards, out).ok
+    assert _comparable(out) == _comparable(reference), "same outputs as --executor local"
+    assert not list(out.glob(".*.tmp"))
