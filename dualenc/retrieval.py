@@ -512,7 +512,7 @@ def _recall_from_top(top: np.ndarray, pos: Positives, ks: Sequence[int]) -> dict
 def evaluate(emb: Embeddings, *, captions: Literal["all", "first"] = "all", ks: Sequence[int] = DEFAULT_KS,
              index: Literal["flat", "ivf", "hnsw"] = "flat", index_options: dict | None = None,
              approx_k: int = 10, resamples: int = 1000, seed: int = 0, max_block_mb: float = 512,
-             text_key: str | Sequence[str] | None = None) -> dict:
+             text_key: str | Sequence[str] | None = None, ranks_out: dict | None = None) -> dict:
     """Retrieval metrics of both directions, ready to be written as metrics.json.
 
     Ranks are always exact. With ``index`` ``ivf`` or ``hnsw`` the result also says what that approximate
@@ -530,6 +530,8 @@ def evaluate(emb: Embeddings, *, captions: Literal["all", "first"] = "all", ks: 
         seed: bootstrap seed.
         max_block_mb: memory cap of one block of scores (see `exact_ranks`).
         text_key: the text member(s) embedded, for the protocol block; default: ``emb.meta["text_keys"]``.
+        ranks_out: when given, filled with each direction's exact ranks (``{direction: (queries,) int64}``, in the
+            order of `directions`' queries), so callers that plot them need not rank twice.
 
     Returns:
         ``{"text_to_video_R@1": ..., "text_to_video_MdR": ..., "video_to_text_MnR": ..., "ci95": {metric: [lo, hi]},
@@ -555,6 +557,8 @@ def evaluate(emb: Embeddings, *, captions: Literal["all", "first"] = "all", ks: 
         t0 = time.perf_counter()
         ranks, exact_top = _rank_pass(q, g, d.positives, max_block_mb, top_k=want_top)
         metrics.update(rank_metrics(ranks, ks, prefix=name))
+        if ranks_out is not None:
+            ranks_out[name] = ranks
         if resamples:
             ci.update(bootstrap_ci(ranks, ks, resamples=resamples, seed=seed, prefix=name))
         seconds[name] = round(time.perf_counter() - t0, 4)
