@@ -87,9 +87,12 @@ def _report(args: argparse.Namespace) -> int:
     from dualenc.report import compare_reports
 
     paths = compare_reports(args.runs, args.out, labels=args.labels)
-    runs = [json.loads((__import__("pathlib").Path(r) / "metrics.json").read_text()) for r in args.runs]
-    labels = json.loads(paths["json"].read_text())["labels"] if "json" in paths else [m.get("label") for m in runs]
-    print(_r1_table(list(zip(labels, runs))))
+    summary = json.loads(paths["json"].read_text())
+    metrics = summary["metrics"]
+    rows = [(label, {k: values[i] for k, values in metrics.items()}) for i, label in enumerate(summary["labels"])]
+    for warning in summary["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(_r1_table(rows))
     print(f"report: {paths['html']}  ({paths['md']})")
     return 0
 
