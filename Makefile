@@ -24,9 +24,13 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 # The main job on the embedded default (the toy world), as the commands a user would type:
-# a base image VLM, its two-stage adaptation to video, then `engine caption` over the unlabeled pool.
+# a base image VLM, its two-stage adaptation to video, then `engine caption` over the unlabeled pool;
+# then two dual encoders, on the pseudo-captions and on the alt-text, evaluated on the test split's gt.txt.
 # Re-running reuses finished steps (committed shards and finished checkpoints are kept).
 TOY := $(DEMO)/toy
+# The two dual encoders of the demo train alike, only the text differs (pseudo-captions vs alt-text).
+DE_TRAIN ?= --model toy-vit --temporal mean --frames 4 --batch-size 32 --steps 300 --lr 1e-3 --warmup 30 \
+            --workers 1 --save-every 100
 demo: $(STAMP)
 	$(BIN)/engine synth --out $(TOY) --split pretrain --n 2000 --seed 0
 	$(BIN)/engine synth --out $(TOY) --split adapt --n 1000 --seed 0
@@ -38,8 +42,17 @@ demo: $(STAMP)
 	    --frames 4 --batch-size 32 --max-new-tokens 24
 	$(BIN)/engine verify --inputs '$(TOY)/pool-*.tar' --out $(DEMO)/captioned
 	$(BIN)/captioner score-toy --shards '$(DEMO)/captioned/pool-*.tar' --n 6
+	$(BIN)/engine synth --out $(TOY) --split test --n 200 --seed 0
+	$(BIN)/dualenc train --shards '$(DEMO)/captioned/pool-*.tar' --text-key txt --out $(DEMO)/dualenc/pseudo $(DE_TRAIN)
+	$(BIN)/dualenc train --shards '$(DEMO)/captioned/pool-*.tar' --text-key alt.txt --out $(DEMO)/dualenc/alt $(DE_TRAIN)
+	$(BIN)/dualenc eval --checkpoint $(DEMO)/dualenc/alt --shards '$(TOY)/test-*.tar' --text-key gt.txt \
+	    --out $(DEMO)/eval/alt-text
+	$(BIN)/dualenc eval --checkpoint $(DEMO)/dualenc/pseudo --shards '$(TOY)/test-*.tar' --text-key gt.txt \
+	    --out $(DEMO)/eval/pseudo-captions
+	$(BIN)/dualenc report --runs $(DEMO)/eval/alt-text $(DEMO)/eval/pseudo-captions --out $(DEMO)/report
 	@echo "toy shards: $(TOY)/  captioner checkpoints: $(DEMO)/base, $(DEMO)/stage1, $(DEMO)/stage2"
 	@echo "pseudo-captioned pool shards: $(DEMO)/captioned/  (summary: $(BIN)/engine stats $(DEMO)/captioned)"
+	@echo "dual encoders trained on pseudo-captions and on alt-text: $(DEMO)/dualenc/; side-by-side report: $(DEMO)/report/report.html"
 
 bench: $(STAMP)
 	$(BIN)/python bench/decode.py

@@ -357,7 +357,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
                        text_key=emb.meta.get("text_keys") or cfg.text_key, ranks_out=ranks)
     metrics["protocol"].update(protocol)
     metrics["protocol"]["command"] = cfg.command
-    metrics["protocol"]["eval_config"] = asdict(cfg)
+    metrics["protocol"]["eval_config"] = {k: v for k, v in asdict(cfg).items() if k != "command"}
     dirs = directions(emb, captions)
     texts = dirs[TEXT_TO_VIDEO].queries
     metrics["curves"] = {name: recall_curve(ranks[name], len(dirs[name].gallery)) for name in (TEXT_TO_VIDEO,
