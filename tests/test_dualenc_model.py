@@ -35,6 +35,42 @@ def test_heads_map_frames_to_one_embedding_and_only_mean_ignores_order(kind):
         assert not torch.allclose(y, reversed_y, atol=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["transformer", "vidla"])
+def test_order_sensitivity_does_not_depend_on_the_frame_features_scale(kind):
+    # positions must not drown in large frame features: reversing a clip moves the embedding by a
+    # share of its norm that is the same whatever scale the image tower's outputs have
+    torch.manual_seed(0)
+    head = create_head(kind, 32, layers=1, heads=4).eval()
+    x = torch.randn(4, 8, 32) + torch.randn(4, 1, 32)
+    with torch.no_grad():
+        moved = [((head(s * x) - head(s * x.flip(1))).norm(dim=-1) / head(s * x).norm(dim=-1)).mean().item()
+                 for s in (0.01, 1.0, 100.0)]
+    assert min(moved) > 0.005 and max(moved) < 1.5 * min(moved), moved
+
+
+@pytest.mark.parametrize("kind", ["mean", "transformer", "vidla"])
+def test_heads_learn_to_tell_a_clip_from_its_reverse_unless_order_blind(kind):
+    torch.manual_seed(0)
+    head = create_head(kind, 32, layers=1, heads=4)
+    probe = torch.nn.Linear(32, 1)
+    x = 8 * torch.randn(16, 8, 32)  # the scale of an untrained tower's features (norm ~ 50)
+    seqs, labels = torch.cat([x, x.flip(1)]), torch.cat([torch.ones(16), torch.zeros(16)])
+    opt = torch.optim.Adam([*head.parameters(), *probe.parameters()], lr=3e-3)
+    for _ in range(60):
+        logits = probe(head(seqs)).squeeze(1)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        logits = probe(head(seqs)).squeeze(1)
+    accuracy = ((logits > 0).float() == labels).float().mean().item()
+    if kind == "mean":
+        assert torch.allclose(logits[:16], logits[16:], atol=1e-4)  # the same set of frames, the same score
+    else:
+        assert accuracy == 1.0, (kind, accuracy, loss.item())
+
+
 def test_vidla_segment_tokens_see_only_their_segment():
     head = create_head("vidla", 16, layers=1, heads=2, resolutions=(1, 2, 4))
     m = head.mask(8, torch.device("cpu"))
