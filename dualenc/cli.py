@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     p.add_argument("--shuffle-buffer", type=int, default=256)
+    p.add_argument("--hard-negatives", choices=["none", "twins"], default="none",
+                   help="twins: a clip and its time-reversed twin (KEY-rev) share a batch, so the loss "
+                   "rewards frame order")
     p.add_argument("--pretrained", help="open_clip checkpoint file (or tag where a hub is reachable)")
     p.add_argument("--pretrained-image", help="local image-tower weights (timm/open_clip state dict)")
     p.add_argument("--pretrained-text", help="local Hugging Face text-model directory")

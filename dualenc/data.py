@@ -24,6 +24,8 @@ How the order is made (a pure function of the config, the rank and the world siz
   and a video or ``frames.npy`` member are there), then a shuffle buffer seeded with
   ``(seed, epoch, rank, worker)``, then raw batches of ``batch_size``; the incomplete last batch of a
   stream's epoch is dropped. Only then are frames decoded (or loaded from ``frames.npy``).
+  With ``hard_negatives="twins"`` a clip and its time-reversed twin (``KEY``, ``KEY-rev``), when they
+  come one after the other, pass the shuffle buffer as one unit (see `twin_units`).
 * Global index: stream ``w`` makes the rank's batches ``w, w + W, w + 2W, ...`` (its ``j``-th raw
   batch, counted across epochs, is batch ``j * W + w``). The DataLoader (``batch_size=None``,
   ``in_order=True``) hands them out round-robin, so the rank sees batches 0, 1, 2, ... in order.
@@ -61,6 +63,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -83,6 +86,12 @@ log = logging.getLogger("dualenc.data")
 
 FRAMES_MEMBER = "frames.npy"
 """The frame cache's member: ``np.save`` of uint8 [T, H, W, 3], never pickled."""
+
+TWIN_SUFFIX = "-rev"
+"""The key suffix of a clip's time-reversed twin (`engine.synth`): ``KEY`` and ``KEY-rev``."""
+
+HARD_NEGATIVES = ("none", "twins")
+"""Values of `DataConfig.hard_negatives`."""
 
 MAX_FAILED_BATCHES = 64
 """Consecutive batches without one good sample after which the loader gives up: the data or the
@@ -113,6 +122,11 @@ class DataConfig:
     """'av', 'decord', 'torchcodec' or 'auto' (see `engine.decode`)."""
     size: int = 0
     """If > 0, frames are resized to size x size (antialiased bilinear) after decoding."""
+    hard_negatives: str = "none"
+    """'none', or 'twins': keep a clip and its time-reversed twin (``KEY`` and ``KEY-rev``, next to each
+    other in a shard, as `engine synth` writes them) together through the shuffle buffer, so they share a
+    batch (unless a batch boundary falls between them) and the contrastive loss can only separate them
+    by frame order. The shuffle buffer then holds ``shuffle_buffer`` units (a pair or a single clip)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -138,6 +152,8 @@ class DataConfig:
             problems.append(f"--decode-backend must be one of auto, {', '.join(BACKENDS)}, got {self.decode_backend!r}")
         if self.size < 0:
             problems.append(f"--size must be >= 0 (0: keep the decoded size), got {self.size}")
+        if self.hard_negatives not in HARD_NEGATIVES:
+            problems.append(f"--hard-negatives must be one of {', '.join(HARD_NEGATIVES)}, got {self.hard_negatives!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -190,7 +206,10 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
 
 
 def _load_npy(data: bytes, url: str | None, key: str | None) -> np.ndarray:
-    """The uint8 [T, H, W, 3] array in ``frames.npy`` bytes; the header is checked before anything is allocated."""
+    """The uint8 [T, H, W, 3] array in ``frames.npy`` bytes; the header is checked before anything is allocated.
+
+    The array is a read-only view of ``data`` (no copy: the loader's batch stacking is the one copy).
+    """
     def bad(why: str) -> DecodeError:
         return DecodeError("bad-frames-npy", f"{FRAMES_MEMBER}: {why}", url=url, key=key)
 
@@ -198,9 +217,9 @@ def _load_npy(data: bytes, url: str | None, key: str | None) -> np.ndarray:
     try:
         version = npy_format.read_magic(buf)
         if version == (1, 0):
-            shape, _, dtype = npy_format.read_array_header_1_0(buf)
+            shape, fortran, dtype = npy_format.read_array_header_1_0(buf)
         elif version == (2, 0):
-            shape, _, dtype = npy_format.read_array_header_2_0(buf)
+            shape, fortran, dtype = npy_format.read_array_header_2_0(buf)
         else:
             raise bad(f"unsupported .npy version {version}")
     except ValueError as exc:
@@ -209,10 +228,8 @@ def _load_npy(data: bytes, url: str | None, key: str | None) -> np.ndarray:
         raise bad(f"holds {dtype} {shape}, not uint8 [T, H, W, 3]")
     if int(np.prod(shape)) != len(data) - buf.tell():
         raise bad(f"the header says {shape} but {len(data) - buf.tell()} bytes follow it")
-    arr = np.load(io.BytesIO(data), allow_pickle=False)  # NEVER unpickle shard data
-    if not isinstance(arr, np.ndarray):
-        raise bad("not a single array")
-    return arr
+    # a uint8 header (checked above) can not describe pickled objects: the payload is raw bytes
+    return np.frombuffer(data, dtype=np.uint8, offset=buf.tell()).reshape(shape, order="F" if fortran else "C")
 
 
 def load_frames(sample: dict[str, Any], frames: int, backend: str = "av", size: int = 0) -> np.ndarray:
@@ -299,12 +316,12 @@ def with_text(samples: Iterable[dict[str, Any]], text_key: str, handler: SkipLog
         yield sample
 
 
-def shuffled(samples: Iterable[dict[str, Any]], bufsize: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-    """A shuffle buffer of ``bufsize`` samples (webdataset's): each new sample swaps out a random held one."""
+def shuffled(samples: Iterable[Any], bufsize: int, rng: np.random.Generator) -> Iterator[Any]:
+    """A shuffle buffer of ``bufsize`` items (webdataset's): each new item swaps out a random held one."""
     if bufsize <= 1:
         yield from samples
         return
-    buf: list[dict[str, Any]] = []
+    buf: list[Any] = []
     for sample in samples:
         if len(buf) < bufsize:
             buf.append(sample)
@@ -314,6 +331,33 @@ def shuffled(samples: Iterable[dict[str, Any]], bufsize: int, rng: np.random.Gen
         buf[i] = sample
     for i in rng.permutation(len(buf)):
         yield buf[i]
+
+
+def twin_stem(key: str) -> str:
+    """The key of the forward clip of a pair: ``KEY-rev`` -> ``KEY``; any other key is its own stem."""
+    return key[:-len(TWIN_SUFFIX)] if key.endswith(TWIN_SUFFIX) else key
+
+
+def twin_units(samples: Iterable[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    """Groups consecutive samples with the same `twin_stem` into one list (a pair, or a lone clip).
+
+    Only neighbours are grouped: this stage holds one sample back, never a table of keys, so twins
+    stored apart (or split between streams by `assign_shards`) stay apart.
+    """
+    unit: list[dict[str, Any]] = []
+    for sample in samples:
+        if unit and twin_stem(sample["__key__"]) != twin_stem(unit[0]["__key__"]):
+            yield unit
+            unit = []
+        unit.append(sample)
+    if unit:
+        yield unit
+
+
+def flattened(units: Iterable[list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    """The samples of the units, in order: the inverse of `twin_units` (after the shuffle)."""
+    for unit in units:
+        yield from unit
 
 
 def batched(samples: Iterable[dict[str, Any]], n: int) -> Iterator[list[dict[str, Any]]]:
@@ -364,7 +408,11 @@ class VideoTextBatches(IterableDataset):
             share = assign_shards(self.urls, seed=cfg.seed, epoch=epoch, rank=self.rank,
                                   world_size=self.world_size, worker=worker, workers=workers)
             rng = np.random.default_rng([cfg.seed, epoch, self.rank, worker])
-            samples = shuffled(with_text(shard_samples(share, skips), cfg.text_key, skips), cfg.shuffle_buffer, rng)
+            samples = with_text(shard_samples(share, skips), cfg.text_key, skips)
+            if cfg.hard_negatives == "twins":
+                samples = flattened(shuffled(twin_units(samples), cfg.shuffle_buffer, rng))
+            else:
+                samples = shuffled(samples, cfg.shuffle_buffer, rng)
             formed = 0
             for raw in batched(samples, cfg.batch_size):
                 index = made * workers + worker
@@ -405,8 +453,19 @@ class VideoTextBatches(IterableDataset):
             return {**out, "frames": None, "texts": [], "keys": []}
         refill = itertools.cycle(good)
         rows = [g if g is not None else next(refill) for g in got]
-        return {**out, "frames": torch.from_numpy(np.stack([f for _, f in rows])),
+        return {**out, "frames": _stack([f for _, f in rows]),
                 "texts": [s["__text__"] for s, _ in rows], "keys": [s["__key__"] for s, _ in rows]}
+
+
+def _stack(arrays: list[np.ndarray]) -> torch.Tensor:
+    """The batch tensor; in a DataLoader worker it is stacked straight into shared memory, as torch's
+    ``default_collate`` does, else sending it to the main process copies it there once more."""
+    shape = (len(arrays), *arrays[0].shape)
+    if get_worker_info() is None:
+        return torch.from_numpy(np.stack(arrays))
+    out = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(math.prod(shape)), 0, shape)
+    np.stack(arrays, out=out.numpy())
+    return out
 
 
 def _as_is(item: Any) -> Any:

@@ -49,6 +49,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     shuffle_buffer: int = 256
+    hard_negatives: str = "none"  # 'twins': a clip and its time-reversed twin share a batch (DataConfig)
     pretrained: str | None = None
     pretrained_image: str | None = None
     pretrained_text: str | None = None
@@ -73,6 +74,10 @@ class TrainConfig:
             problems.append("--warmup, --save-every, --val-every and --workers must be >= 0")
         if self.temporal not in (None, "mean", "transformer", "vidla"):
             problems.append(f"--temporal must be mean, transformer or vidla, got {self.temporal!r}")
+        from dualenc.data import HARD_NEGATIVES
+
+        if self.hard_negatives not in HARD_NEGATIVES:
+            problems.append(f"--hard-negatives must be one of {', '.join(HARD_NEGATIVES)}, got {self.hard_negatives!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -219,7 +224,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     loss_fn = ClipLoss(local_loss=True, gather_with_grad=True, cache_labels=True, rank=dist.rank,
                        world_size=dist.world_size)
     data = DataConfig(shards=cfg.shards, text_key=cfg.text_key, frames=cfg.frames, batch_size=cfg.batch_size,
-                      workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed)
+                      workers=cfg.workers, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
+                      hard_negatives=cfg.hard_negatives)
     # the loader's global batch index, not step * grad_accum: a batch whose samples all failed is skipped
     batches = make_loader(data, start_batch=position, rank=dist.rank, world_size=dist.world_size)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else _nullcontext()

@@ -75,10 +75,10 @@ def _by_epoch(batches) -> dict[int, list[str]]:
 def test_config_names_every_bad_flag():
     with pytest.raises(ValueError) as err:
         DataConfig(shards=[], text_key="", frames=0, batch_size=0, workers=-1, shuffle_buffer=-1, seed=-1,
-                   decode_backend="ffmpeg", size=-2)
+                   decode_backend="ffmpeg", size=-2, hard_negatives="hardest")
     msg = str(err.value)
     for flag in ("--shards", "--text-key", "--frames", "--batch-size", "--workers", "--shuffle-buffer", "--seed",
-                 "--decode-backend", "--size"):
+                 "--decode-backend", "--size", "--hard-negatives"):
         assert flag in msg
     with pytest.raises(ValueError, match="rank"):
         make_loader(DataConfig(shards="x.tar"), rank=2, world_size=2)
@@ -177,6 +177,27 @@ def test_ranks_see_disjoint_samples(toy):
     assert not set(halves[0]) & set(halves[1]) and len(set(halves[0] + halves[1])) == 6
 
 
+def test_twin_hard_negatives_keep_each_pair_together_deterministically_and_resumably(toy):
+    out, pattern, keys = toy
+    stored = [[s["__key__"] for s in read_samples(str(shard))] for shard in sorted(out.glob("test-*.tar"))]
+    pairs = {(k[:-4], k) for shard in stored for k in shard if k.endswith("-rev") and k[:-4] in shard}
+    assert len(pairs) >= 3, stored  # the fixture has time-reversed twins stored side by side
+
+    def split_pairs(batches) -> int:
+        order = [k for b in batches for k in b["keys"]]
+        return sum(abs(order.index(a) - order.index(b)) != 1 for a, b in pairs)
+
+    cfg = _cfg(pattern, hard_negatives="twins")
+    a = _take(cfg, 6)  # epoch 0: 24 samples, none dropped
+    assert sorted(_by_epoch(a)[0]) == sorted(keys) and split_pairs(a) == 0
+    assert split_pairs(_take(_cfg(pattern), 6)) > 0, "without the option the shuffle separates twins"
+    assert _keys(_take(cfg, 10)) == _keys(_take(cfg, 10)[:10])
+    full = _take(cfg, 10)
+    resumed = _take(cfg, 5, start_batch=5)
+    assert _keys(resumed) == _keys(full[5:]) and [b["batch"] for b in resumed] == list(range(5, 10))
+    assert all(torch.equal(x["frames"], y["frames"]) for x, y in zip(resumed, full[5:]))
+
+
 def test_too_little_data_for_a_batch_says_which_flag(toy):
     with pytest.raises(ValueError, match="--batch-size"):
         _take(_cfg(str(toy[0] / "test-00000.tar"), batch_size=7), 1)
@@ -219,6 +240,9 @@ def test_frames_npy_is_never_unpickled():
     with pytest.raises(DecodeError, match="frames-mismatch"):
         load_frames(sample(np.zeros((3, 4, 4, 3), np.uint8)), 2)
     assert load_frames(sample(np.ones((2, 4, 4, 3), np.uint8)), 2, size=2).shape == (2, 2, 2, 3)
+    a = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
+    for stored in (a, np.asfortranarray(a)):  # read without a copy, in either memory order
+        assert np.array_equal(load_frames(sample(stored), 2), a)
 
 
 # --------------------------------------------------------------------------- frame cache

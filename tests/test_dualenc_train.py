@@ -77,3 +77,8 @@ def test_embed_writes_normalised_embeddings_and_keys(shards, tmp_path):
     assert t.shape == (48, 64) and len(tk) == 48 and set(tk) == set(vk)  # two texts per video
     assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5) and np.allclose(np.linalg.norm(t, axis=1), 1,
                                                                                  atol=1e-5)
+
+
+def test_train_config_names_a_bad_hard_negatives_value(tmp_path):
+    with pytest.raises(ValueError, match="--hard-negatives must be one of none, twins"):
+        TrainConfig(shards="x.tar", out=str(tmp_path), hard_negatives="hardest")
