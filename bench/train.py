@@ -1,12 +1,13 @@
 """Data-loading efficiency of the dual-encoder trainer: reading shards vs the same steps on tensors in memory.
 
-Usage: python bench/train.py [--steps 60] [--batch-size 32] [--workers 1]
+Usage: python bench/train.py [--steps 60] [--batch-size 32] [--workers 1] [--repeats 3]
 
 Writes bench/results/train.json: samples/s of the full trainer (`dualenc.train.train`) reading
 (a) video shards, decoding every epoch, and (b) the frame cache (`cache_frames`: frames.npy shards),
 against (c) the same model, optimizer and loss stepping on batches already in memory; the ratios
 b/c and a/c (the data-loading efficiency; goal >= 0.9 with the frame cache) and peak RSS.
-All three run in this one process tree, one after another, measured in one run.
+All three run in this one process tree, one after another, ``--repeats`` rounds of the three; the
+medians give the ratios (on a shared 2-core machine one round's ratio moves by +-0.05).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import argparse
 import json
 import platform
 import resource
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -75,6 +78,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--frames", type=int, default=8)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", default=str(ROOT / "bench" / "work" / "train"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))
     args = ap.parse_args(argv)
@@ -83,26 +87,26 @@ def main(argv=None) -> int:
     cache_frames(str(work / "toy" / "adapt-*.tar"), work / "cache", frames=args.frames, progress=False)
     common = dict(text_key="gt.txt", temporal="transformer", frames=args.frames, batch_size=args.batch_size,
                   steps=args.steps, workers=args.workers, seed=0)
-    results = {}
-    for name, shards in (("video_shards", work / "toy"), ("frame_cache", work / "cache")):
-        run = work / "runs" / name
-        if run.exists():
-            import shutil
-
-            shutil.rmtree(run)
-        results[name] = round(through_trainer(TrainConfig(shards=str(shards / "adapt-*.tar"), out=str(run),
-                                                          **common), args.warm), 2)
-        print(name, results[name], flush=True)
-    results["in_memory"] = round(in_memory(TrainConfig(shards=str(work / "cache" / "adapt-*.tar"),
-                                                       out=str(work / "runs" / "mem"), **common), args.warm), 2)
-    print("in_memory", results["in_memory"], flush=True)
+    rounds: dict[str, list[float]] = {"video_shards": [], "frame_cache": [], "in_memory": []}
+    for _ in range(args.repeats):
+        for name, shards in (("video_shards", work / "toy"), ("frame_cache", work / "cache")):
+            run = work / "runs" / name
+            if run.exists():
+                shutil.rmtree(run)
+            rounds[name].append(round(through_trainer(TrainConfig(shards=str(shards / "adapt-*.tar"), out=str(run),
+                                                                  **common), args.warm), 2))
+            print(name, rounds[name][-1], flush=True)
+        mem = TrainConfig(shards=str(work / "cache" / "adapt-*.tar"), out=str(work / "runs" / "mem"), **common)
+        rounds["in_memory"].append(round(in_memory(mem, args.warm), 2))
+        print("in_memory", rounds["in_memory"][-1], flush=True)
+    results = {name: round(statistics.median(v), 2) for name, v in rounds.items()}
     peak_mb = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
                   resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
     out = {"benchmark": "train", "command": "python bench/train.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "model": "toy-vit + transformer head",
         "batch_size": args.batch_size, "frames": args.frames, "steps_timed": args.steps, "warmup_steps": args.warm,
         "loader_workers": args.workers, "torch_threads": torch.get_num_threads(), "machine": platform.platform(),
-        "samples_per_s": results,
+        "repeats": args.repeats, "samples_per_s": results, "samples_per_s_per_round": rounds,
         "efficiency": {"frame_cache_vs_in_memory": round(results["frame_cache"] / results["in_memory"], 3),
                        "video_shards_vs_in_memory": round(results["video_shards"] / results["in_memory"], 3)},
         "peak_rss_mb": round(peak_mb, 1)}
