@@ -140,14 +140,9 @@ def shards_fingerprint(urls: Sequence[str]) -> dict:
 
 def checkpoint_info(checkpoint: str | Path) -> dict:
     """The checkpoint directory actually used, its weights' sha256, the model and what it was trained on."""
-    from dualenc.train import latest_checkpoint
+    from dualenc.train import resolve_checkpoint
 
-    path = Path(checkpoint)
-    if not (path / "state.json").exists():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"{checkpoint}: no checkpoint (neither state.json nor a 'latest' pointer)")
-        path = found
+    path = resolve_checkpoint(checkpoint)
     state = json.loads((path / "state.json").read_text())
     run = state.get("run_config", {})
     return {"checkpoint": str(path), "checkpoint_sha256": sha256_file(path / "model.safetensors"),

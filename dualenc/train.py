@@ -157,16 +157,26 @@ def save_checkpoint(model: VideoTextModel, optimizer, cfg: TrainConfig, step: in
     return final
 
 
+def resolve_checkpoint(checkpoint: str | Path) -> Path:
+    """The checkpoint directory a run directory's ``latest`` points to, or ``checkpoint`` itself when it is one.
+
+    Raises:
+        FileNotFoundError: neither a state.json nor a 'latest' pointer is there.
+    """
+    path = Path(checkpoint)
+    if (path / "state.json").exists():
+        return path
+    found = latest_checkpoint(path)
+    if found is None:
+        raise FileNotFoundError(f"{checkpoint}: no checkpoint (neither state.json nor a 'latest' pointer)")
+    return found
+
+
 def load_model(checkpoint: str | Path, device: str = "cpu") -> VideoTextModel:
     """A trained dual encoder from a run directory (its latest checkpoint) or a checkpoint directory."""
     from safetensors.torch import load_file
 
-    path = Path(checkpoint)
-    if not (path / "state.json").exists():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"{checkpoint}: no checkpoint (neither state.json nor a 'latest' pointer)")
-        path = found
+    path = resolve_checkpoint(checkpoint)
     state = json.loads((path / "state.json").read_text())
     model = build_model(state["model_config"])  # the checkpoint re-imposes its architecture
     model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
