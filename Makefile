@@ -60,6 +60,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/captioner_toy.py
 	$(BIN)/python bench/temporal_toy.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/engine.py
+	$(BIN)/python bench/engine.py --n 1024 --layouts dedicated --out bench/results/engine_n1024.json
+	nice -n 10 $(BIN)/python bench/eval.py
 
 clean:
 	rm -rf $(DEMO) .pytest_cache
