@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", formatter_class=fmt, help="retrieval evaluation: metrics.json, report.md, report.html",
                        description="Exact text->video and video->text retrieval (R@1/5/10, median and mean rank, "
-                       "bootstrap 95%% intervals; ties count against the model) of a checkpoint on shards or a "
+                       "bootstrap 95% intervals; ties count against the model) of a checkpoint on shards or a "
                        "standard benchmark, or of embeddings from `dualenc embed`. Writes OUT/metrics.json (with "
                        "the full protocol), OUT/report.md and a self-contained OUT/report.html with plots and "
                        "example queries.")
