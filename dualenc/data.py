@@ -205,7 +205,7 @@ def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
     return np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.Resampling.BILINEAR)) for f in frames])
 
 
-def _load_npy(data: bytes, url: str | None, key: str | None) -> np.ndarray:
+def load_frames_npy(data: bytes, url: str | None, key: str | None) -> np.ndarray:
     """The uint8 [T, H, W, 3] array in ``frames.npy`` bytes; the header is checked before anything is allocated.
 
     The array is a read-only view of ``data`` (no copy: the loader's batch stacking is the one copy).
@@ -248,7 +248,7 @@ def load_frames(sample: dict[str, Any], frames: int, backend: str = "av", size: 
     """
     url, key = sample.get("__url__"), sample.get("__key__")
     if FRAMES_MEMBER in sample:
-        arr = _load_npy(sample[FRAMES_MEMBER], url, key)
+        arr = load_frames_npy(sample[FRAMES_MEMBER], url, key)
         if arr.shape[0] != frames:
             raise DecodeError("frames-mismatch", f"{FRAMES_MEMBER} holds {arr.shape[0]} frames; --frames is {frames}",
                               url=url, key=key)

@@ -12,7 +12,6 @@ frame sampling, the shards read, and the checkpoint when the caller records it).
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -45,6 +44,7 @@ def _clips(samples: Iterable[dict], text_keys: Sequence[str], frames: int, error
     from engine.decode import Sampling
     from engine.decode_pool import DecodePool
     from engine.errors import SampleError
+    from dualenc.data import FRAMES_MEMBER, load_frames_npy
     from engine.shards import video_member
 
     window: list = []
@@ -63,8 +63,8 @@ def _clips(samples: Iterable[dict], text_keys: Sequence[str], frames: int, error
             key = sample["__key__"]
             try:
                 texts = [t for k in text_keys for t in _texts(sample, k)]
-                if "frames.npy" in sample:
-                    item = np.load(io.BytesIO(sample["frames.npy"]), allow_pickle=False)
+                if FRAMES_MEMBER in sample:  # a frame cache: checked like the trainer checks it, never unpickled
+                    item = load_frames_npy(sample[FRAMES_MEMBER], sample.get("__url__"), key)
                 else:
                     item = pool.submit(sample[video_member(sample)], Sampling.uniform(frames), "av")
             except SampleError as exc:

@@ -16,7 +16,6 @@ metric definitions and the command line.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -229,11 +228,12 @@ def _text_strings(emb: Embeddings) -> list[str] | None:
 # --------------------------------------------------------------------------- thumbnails
 
 def _thumb_frames(sample: dict) -> np.ndarray:
+    from dualenc.data import FRAMES_MEMBER, load_frames_npy
     from engine.decode import Sampling, decode_video
     from engine.shards import video_member
 
-    if "frames.npy" in sample:
-        frames = np.load(io.BytesIO(sample["frames.npy"]), allow_pickle=False)
+    if FRAMES_MEMBER in sample:
+        frames = load_frames_npy(sample[FRAMES_MEMBER], sample.get("__url__"), sample.get("__key__"))
         pick = np.unique(np.linspace(0, len(frames) - 1, THUMB_FRAMES).round().astype(int))
         return frames[pick]
     return decode_video(sample[video_member(sample)], Sampling.uniform(THUMB_FRAMES), backend="av").frames
