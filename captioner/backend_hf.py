@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.interface import Budgeted, CaptionResult, Captioner, processor_visual_tokens
+from captioner.interface import Budgeted, CaptionResult, Captioner, Clip, processor_visual_tokens
 from data_specs import GenerationParams
 from data_specs.prompts import PromptTemplate
 
@@ -52,9 +52,13 @@ class HFCaptioner(Captioner):
         self.model = model_obj or AutoModelForImageTextToText.from_pretrained(
             model, revision=revision, dtype=resolve_dtype(dtype, self.device), use_safetensors=True,
             trust_remote_code=trust_remote_code)
-        self.model.to(self.device).eval()
         if Path(model).is_dir():
             self.weights_dir = Path(model)
+            if model_obj is None:
+                from captioner.adapter import load_adapter
+
+                load_adapter(self.model, model)  # pseudocap's temporal adapter, when the checkpoint has one
+        self.model.to(self.device).eval()
         text_cfg = getattr(self.model.config, "text_config", self.model.config)
         self.context_length = int(getattr(text_cfg, "max_position_embeddings", 4096))
         self.eos_ids = _as_set(self.model.generation_config.eos_token_id) | {self.processor.tokenizer.eos_token_id}
@@ -104,6 +108,35 @@ class HFCaptioner(Captioner):
                                          finish_reason=finish, latency_s=latency, frames_used=len(b.frames),
                                          budget_note=b.note))
         return results
+
+    @torch.inference_mode()
+    def log_likelihoods(self, clip: Clip, prompt: PromptTemplate, answers: list[str]) -> list[float]:
+        """Summed log-probability of each answer (then the end-of-turn token) given the clip and the prompt.
+
+        Forced-choice scoring: which of several captions the model finds likelier for the clip,
+        whether or not it would generate any of them. All answers share one forward pass.
+        """
+        b = self.fit(clip, prompt, GenerationParams(max_new_tokens=max(8, max(len(a) for a in answers))))
+        tok = self.processor.tokenizer
+        head = render_prompt(self.processor, prompt)
+        media = b.frames if prompt.media == "video" else b.frames[0]
+
+        def encode(texts: list[str]):
+            kwargs = ({"videos": [media] * len(texts), "do_sample_frames": False} if prompt.media == "video"
+                      else {"images": [media] * len(texts)})
+            return self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+
+        start = encode([head])["input_ids"].shape[1]  # the answer's first position (video pads expanded)
+        text = [head + a + "<|im_end|>" for a in answers]
+        tok.padding_side = "right"
+        try:
+            enc = encode(text).to(self.device)
+        finally:
+            tok.padding_side = "left"
+        logp = torch.log_softmax(self.model(**enc).logits[:, :-1].float(), dim=-1)
+        target = enc["input_ids"][:, 1:]
+        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * enc["attention_mask"][:, 1:]
+        return picked[:, start - 1:].sum(dim=1).tolist()
 
 
 def _as_set(x) -> set[int]:

@@ -63,6 +63,11 @@ class VLLMCaptioner(Captioner):
     def __init__(self, model: str, dtype: str = "auto", revision: str | None = None, trust_remote_code: bool = False,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.9):
         super().__init__()
+        from captioner.adapter import CONFIG_FILE
+
+        if (Path(model) / CONFIG_FILE).exists():
+            raise ValueError(f"{model} has a pseudocap temporal adapter ({CONFIG_FILE}), which vLLM's Qwen2-VL "
+                             "does not run; caption it with --backend hf")
         vllm = import_vllm()
         from transformers import AutoProcessor
 

@@ -64,3 +64,51 @@ def evaluate_toy(model: str | Captioner, shards: str, mode: str = "video", frame
     preds = caption_clips(cap, clip_list, mode, batch_size)
     return {"metrics": score(preds, refs), "seconds": round(time.perf_counter() - t0, 2),
             "examples": [(c.key, p, r) for c, p, r in zip(clip_list, preds, refs)]}
+
+
+def forced_choice_toy(cap, clips: list[Clip], refs: list[str], mode: str = "video") -> dict:
+    """Two-way forced choice by likelihood: the true caption against its time-flipped twin.
+
+    Generation only scores what a model says; a model that never learned to say an event
+    (the base image model, asked what happens) scores 0 there. Here the model only has to
+    find the true caption likelier than a foil that differs in one thing, so chance is 0.5:
+
+    - ``direction``: per reference event on a two-way axis (left/right, up/down, grow/shrink,
+      appear/disappear), the caption with that one action inverted (`INVERSE`) is the foil.
+    - ``order``: per two-event reference, the caption with its events swapped is the foil.
+
+    A tie counts half. Needs a backend with ``log_likelihoods`` (the `hf` backend).
+
+    Returns:
+        ``{"direction": acc, "order": acc, "n_direction": n, "n_order": n}`` (acc None when n is 0).
+    """
+    from captioner.toy_metrics import DIRECTIONAL_AXES, format_caption, parse_caption
+    from data_specs.toyworld import AXIS, INVERSE
+
+    if not hasattr(cap, "log_likelihoods"):
+        raise ValueError(f"forced-choice scoring needs the hf backend, not {cap.backend!r}")
+    prompt = get_prompt(MODES[mode])
+    hits = {"direction": 0.0, "order": 0.0}
+    counts = {"direction": 0, "order": 0}
+    for clip, ref in zip(clips, refs):
+        if mode == "middle-frame":
+            clip = Clip(clip.key, clip.frames[[len(clip.frames) // 2] * 2])
+        events = parse_caption(ref)
+        if events is None:
+            raise ValueError(f"reference of {clip.key} is not in the toy grammar: {ref!r}")
+        foils: list[tuple[str, str]] = []
+        for j, e in enumerate(events):
+            if AXIS[e.action] in DIRECTIONAL_AXES:
+                flipped = list(events)
+                flipped[j] = e._replace(action=INVERSE[e.action])
+                foils.append(("direction", format_caption(flipped)))
+        if len(events) == 2:
+            foils.append(("order", format_caption(events[::-1])))
+        if not foils:
+            continue
+        lls = cap.log_likelihoods(clip, prompt, [format_caption(events)] + [f for _, f in foils])
+        for (kind, _), ll in zip(foils, lls[1:]):
+            counts[kind] += 1
+            hits[kind] += 1.0 if lls[0] > ll else 0.5 if lls[0] == ll else 0.0
+    return {**{k: (hits[k] / counts[k] if counts[k] else None) for k in hits},
+            **{f"n_{k}": counts[k] for k in counts}}

@@ -54,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     lora: bool = False  # LoRA adapters (peft) on the trained part instead of full weights: for large models
     lora_rank: int = 16
+    temporal_adapter: bool = False  # visual stage: add a space-time adapter on video tokens (captioner.adapter)
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
     resume: bool = False
@@ -216,9 +217,12 @@ def apply_freezing(model, cfg: TrainConfig):
         except ImportError:
             raise ImportError("--lora needs peft: pip install 'pseudocap[lora]'") from None
         linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                  and trainable_mask(n + ".weight", cfg.stage) and "lm_head" not in n}
+                  and trainable_mask(n + ".weight", cfg.stage) and "lm_head" not in n and "temporal_adapter" not in n}
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
                                                  target_modules=sorted(linear)))
+        for name, p in model.named_parameters():  # the adapter is small: it trains whole, never through LoRA
+            if "temporal_adapter" in name:
+                p.requires_grad_(trainable_mask(name, cfg.stage))
         return model
     for name, p in model.named_parameters():
         p.requires_grad_(trainable_mask(name, cfg.stage))
@@ -244,8 +248,12 @@ def save_checkpoint(model, processor, optimizer, cfg: TrainConfig, step: int, ou
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    from captioner.adapter import detached, save_adapter
+
     to_save = model.merge_and_unload() if cfg.lora and step >= cfg.steps else model
-    to_save.save_pretrained(tmp, safe_serialization=True)
+    with detached(to_save):  # model.safetensors stays a plain Hugging Face checkpoint
+        to_save.save_pretrained(tmp, safe_serialization=True)
+    save_adapter(to_save, tmp)
     processor.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state(),
                 "python_rng": random.getstate()}, tmp / "optimizer.pt")
@@ -271,6 +279,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from captioner.adapter import attach_adapter, load_adapter
+
     out = Path(cfg.out)
     state = read_state(out) if cfg.resume else None
     if state and state.get("finished") and state["step"] >= cfg.steps:
@@ -281,6 +291,10 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
     random.seed(cfg.seed)
     processor = AutoProcessor.from_pretrained(source)
     model = AutoModelForImageTextToText.from_pretrained(source, dtype=torch.float32, use_safetensors=True)
+    if Path(source).is_dir():
+        load_adapter(model, source)
+    if cfg.temporal_adapter and cfg.stage == "visual":
+        attach_adapter(model)  # a new one starts as the identity: the image model, unchanged
     model = apply_freezing(model, cfg).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

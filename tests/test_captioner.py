@@ -183,3 +183,85 @@ def test_lora_adaptation_merges_into_a_plain_checkpoint(tiny_dir, toy, tmp_path)
     assert changed and not any(".visual." in f".{k}" for k in changed)
     assert load_captioner(str(tmp_path / "l")).caption([Clip("x", np.zeros((4, 112, 112, 3), np.uint8))], VIDEO,
                                                        GenerationParams(max_new_tokens=3))[0].ok
+
+
+# --------------------------------------------------------------------------- temporal adapter, forced choice
+
+def test_new_temporal_adapter_is_the_identity_and_sees_only_video(tiny_dir, clips):
+    from transformers import AutoModelForImageTextToText
+
+    from captioner.adapter import adapter_of, attach_adapter
+
+    cap = load_captioner(str(tiny_dir), device="cpu")
+    enc = cap.inputs([Budgeted(clips[0], clips[0].frames, 0)], VIDEO)
+    with torch.no_grad():
+        plain = cap.model(**enc).logits
+        attach_adapter(cap.model)
+        assert torch.equal(cap.model(**enc).logits, plain)  # zero-initialised output: the image model, unchanged
+        for p in adapter_of(cap.model).up.parameters():
+            p.normal_(std=0.5)
+        assert not torch.allclose(cap.model(**enc).logits, plain)
+        img = cap.inputs([Budgeted(clips[0], clips[0].frames[:1], 0)], FRAME)
+        fresh = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+        assert torch.equal(cap.model(**img).logits, fresh(**img).logits)  # images never pass through it
+
+
+def test_visual_stage_with_adapter_saves_a_plain_checkpoint_beside_it(tiny_dir, toy, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from captioner.adapter import CONFIG_FILE, WEIGHTS_FILE
+    from captioner.train import TrainConfig, train
+
+    out = tmp_path / "s1"
+    train(TrainConfig(stage="visual", model=str(tiny_dir), shards=str(toy / "adapt-*.tar"), out=str(out), steps=4,
+                      batch_size=4, frames=4, warmup=1, lr=1e-2, temporal_adapter=True), progress=False)
+    assert (out / CONFIG_FILE).exists() and (out / WEIGHTS_FILE).exists()
+    assert set(_params(out)) == set(_params(tiny_dir))  # model.safetensors holds no adapter tensor
+    AutoModelForImageTextToText.from_pretrained(out)  # still a checkpoint transformers loads as is
+    from safetensors.torch import load_file
+
+    assert load_file(str(out / WEIGHTS_FILE))["up.weight"].abs().sum() > 0  # it trained
+    # stage 2 starts from it, keeps it frozen and passes it on
+    train(TrainConfig(stage="language", model=str(out), shards=str(toy / "adapt-*.tar"), out=str(tmp_path / "s2"),
+                      steps=2, batch_size=4, frames=4, warmup=1), progress=False)
+    assert load_file(str(tmp_path / "s2" / WEIGHTS_FILE)).keys() == load_file(str(out / WEIGHTS_FILE)).keys()
+    assert all(torch.equal(load_file(str(tmp_path / "s2" / WEIGHTS_FILE))[k], v)
+               for k, v in load_file(str(out / WEIGHTS_FILE)).items())
+    two = [load_captioner(str(tmp_path / "s2")).caption([Clip("x", np.zeros((4, 112, 112, 3), np.uint8))], VIDEO,
+                                                        GenerationParams(max_new_tokens=3))[0]]
+    assert two[0].ok
+    with pytest.raises(ValueError, match="temporal adapter"):
+        load_captioner(str(out), backend="vllm")
+
+
+def test_log_likelihood_is_the_training_loss_of_the_answer(cap, clips):
+    from captioner.train import TrainConfig, collate, build_examples  # noqa: F401
+
+    answers = ["the red circle moves left.", "the blue square grows, then the red circle appears."]
+    lls = cap.log_likelihoods(clips[1], VIDEO, answers)
+    tok, proc = cap.processor.tokenizer, cap.processor
+    for answer, ll in zip(answers, lls):
+        enc = cap.inputs([Budgeted(clips[1], clips[1].frames, 0)], VIDEO)
+        a_ids = torch.tensor([tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]])
+        ids = torch.cat([enc["input_ids"], a_ids], dim=1)
+        labels = torch.cat([torch.full_like(enc["input_ids"], -100), a_ids], dim=1)
+        mm = torch.cat([enc["mm_token_type_ids"], torch.zeros_like(a_ids)], dim=1)
+        with torch.no_grad():
+            loss = cap.model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, mm_token_type_ids=mm,
+                             pixel_values_videos=enc["pixel_values_videos"],
+                             video_grid_thw=enc["video_grid_thw"]).loss
+        assert ll == pytest.approx(-loss.item() * a_ids.shape[1], rel=1e-4)
+    assert lls[0] != lls[1]
+
+
+def test_forced_choice_scores_true_captions_against_flipped_twins(cap, clips):
+    from captioner.evaluate import forced_choice_toy
+
+    refs = ["the red circle moves left.", "the blue square rotates.",
+            "the green triangle grows, then the red circle appears.", "the yellow square turns red.",
+            "the red circle disappears."]
+    fc = forced_choice_toy(cap, clips, refs)
+    assert fc["n_direction"] == 4 and fc["n_order"] == 1  # rotate and recolour have no two-way foil
+    assert 0.0 <= fc["direction"] <= 1.0 and fc["order"] in (0.0, 0.5, 1.0)
+    with pytest.raises(ValueError, match="toy grammar"):
+        forced_choice_toy(cap, clips[:1], ["a caption outside the grammar"])
