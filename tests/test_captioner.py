@@ -265,3 +265,28 @@ def test_forced_choice_scores_true_captions_against_flipped_twins(cap, clips):
     assert 0.0 <= fc["direction"] <= 1.0 and fc["order"] in (0.0, 0.5, 1.0)
     with pytest.raises(ValueError, match="toy grammar"):
         forced_choice_toy(cap, clips[:1], ["a caption outside the grammar"])
+
+
+def test_tiny_config_with_7px_patches_keeps_processor_and_model_in_step(tmp_path, cap):
+    p7 = load_captioner(str(build_tiny(tmp_path / "p7", name="qwen2-vl-tiny-p7")), device="cpu")
+    assert p7.visual_tokens(4, 112, 112, "video") == 4 * cap.visual_tokens(4, 112, 112, "video") == 128
+    out = p7.caption([Clip("x", np.zeros((4, 112, 112, 3), np.uint8))], VIDEO, GenerationParams(max_new_tokens=3))
+    assert out[0].ok and out[0].input_tokens > 128
+    with pytest.raises(ValueError, match="multiple of 14"):
+        build_tiny(tmp_path / "bad", name="qwen2-vl-tiny-p7", image_size=120)
+
+
+def test_batched_greedy_equals_one_by_one_through_a_trained_adapter(tiny_dir, clips):
+    from captioner.adapter import attach_adapter
+
+    c = load_captioner(str(tiny_dir), device="cpu")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in c.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+        for p in attach_adapter(c.model).parameters():  # each video's tokens must stay its own
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    params = GenerationParams(max_new_tokens=8)
+    batched = [r.text for r in c.caption(clips, VIDEO, params)]
+    assert batched == [c.caption([x], VIDEO, params)[0].text for x in clips]
+    assert len(set(batched)) > 1
