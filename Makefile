@@ -35,9 +35,9 @@ demo: $(STAMP)
 	$(BIN)/engine synth --out $(TOY) --split pretrain --n 2000 --seed 0
 	$(BIN)/engine synth --out $(TOY) --split adapt --n 1000 --seed 0
 	$(BIN)/engine synth --out $(TOY) --split pool --n 1000 --seed 0
-	$(BIN)/captioner pretrain-toy --shards '$(TOY)/pretrain-*.tar' --out $(DEMO)/base
-	$(BIN)/captioner adapt --stage visual --model $(DEMO)/base --shards '$(TOY)/adapt-*.tar' --out $(DEMO)/stage1
-	$(BIN)/captioner adapt --stage language --model $(DEMO)/stage1 --shards '$(TOY)/adapt-*.tar' --out $(DEMO)/stage2
+	$(BIN)/captioner pretrain-toy --shards '$(TOY)/pretrain-*.tar' --out $(DEMO)/base --threads 1
+	$(BIN)/captioner adapt --stage visual --model $(DEMO)/base --shards '$(TOY)/adapt-*.tar' --out $(DEMO)/stage1 --threads 1
+	$(BIN)/captioner adapt --stage language --model $(DEMO)/stage1 --shards '$(TOY)/adapt-*.tar' --out $(DEMO)/stage2 --threads 1
 	$(BIN)/engine caption --shards '$(TOY)/pool-*.tar' --out $(DEMO)/captioned --model $(DEMO)/stage2 \
 	    --frames 4 --batch-size 32 --max-new-tokens 24
 	$(BIN)/engine verify --inputs '$(TOY)/pool-*.tar' --out $(DEMO)/captioned

@@ -25,12 +25,16 @@ sys.path.insert(0, str(ROOT))
 
 import captioner  # noqa: E402,F401  - arms the torchvision fix before transformers loads
 from captioner.cli import PRESETS  # noqa: E402
-from captioner.evaluate import evaluate_toy, load_eval_clips  # noqa: E402
+from captioner.evaluate import evaluate_toy, forced_choice_toy, load_eval_clips  # noqa: E402
+from captioner.load import load_captioner  # noqa: E402
 from captioner.tiny import build_tiny  # noqa: E402
 from captioner.train import TrainConfig, read_state, train  # noqa: E402
 from engine.synth import SynthConfig, synth  # noqa: E402
 
-SPLITS = {"pretrain": 2000, "adapt": 1000, "test": 200, "compositional": 200}
+SPLITS = {  # clips per split: the quick preset uses the demo's data; the full preset more of it
+    "quick": {"pretrain": 2000, "adapt": 1000, "test": 200, "compositional": 200},
+    "full": {"pretrain": 8000, "adapt": 4000, "test": 200, "compositional": 200},
+}
 KEYS = ("object", "colour", "action", "direction_within_axis", "event_order", "exact", "parse_rate")
 
 
@@ -52,13 +56,18 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="result JSON (default bench/results/captioner_toy[_PRESET].json)")
     ap.add_argument("--width", type=int, help="tiny model width (language model and vision tower)")
     ap.add_argument("--layers", type=int, help="tiny model depth")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run as fast on 1 as on 2)")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     work = Path(args.work) / (args.preset + (f"-w{args.width}" if args.width else "")
                               + (f"-l{args.layers}" if args.layers else ""))
-    data = Path(args.work) / "toy"
+    splits = SPLITS[args.preset]
+    data = Path(args.work) / f"toy-{args.preset}"
     preset = PRESETS[args.preset]
     t_wall = time.perf_counter()
-    for split, n in SPLITS.items():
+    for split, n in splits.items():
         if not list(data.glob(f"{split}-*_stats.json")):
             synth(SynthConfig(split=split, n=n, seed=0), data, progress=False)
     frames = preset["visual"].get("frames", 8)
@@ -66,9 +75,10 @@ def main(argv=None) -> int:
     comp = load_eval_clips(str(data / "compositional-*.tar"), frames=frames, limit=args.eval_n)
     result: dict = {"benchmark": "captioner_toy", "command": "python bench/captioner_toy.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "preset": args.preset, "preset_config": preset,
-        "data": SPLITS, "eval_clips": len(test[0]), "machine": {"platform": platform.platform(), "cpus": 2},
+        "data": splits, "eval_clips": len(test[0]), "machine": {"platform": platform.platform(), "cpus": 2, "torch_threads": args.threads},
         "model": {"width": args.width, "layers": args.layers}, "curves": {}, "stages": {}}
     cpu0 = cpu_minutes()
+    eval_cpu = [0.0]  # CPU minutes spent evaluating learning-curve points, left out of the training minutes
 
     def run(stage: str, model: str, shards: str, out: Path, segments: int, curve: list | None) -> None:
         kw = dict(preset[stage])
@@ -85,8 +95,14 @@ def main(argv=None) -> int:
             result["stages"].setdefault(stage, []).append({"to_step": cut, "wall_s": round(time.perf_counter() - t0, 1),
                                                            "loss": summary.get("loss")})
             if curve is not None:
-                m = evaluate_toy(str(out), None, mode="video", clips=test)["metrics"]
-                curve.append({"step": cut, "cpu_min": round(cpu_minutes() - cpu0, 2), **short(m)})
+                cpu_train = cpu_minutes() - cpu0 - eval_cpu[0]  # evaluation time is not training time
+                e0 = cpu_minutes()
+                cap = load_captioner(str(out))
+                m = evaluate_toy(cap, None, mode="video", clips=test)["metrics"]
+                fc = forced_choice_toy(cap, *test)
+                eval_cpu[0] += cpu_minutes() - e0
+                curve.append({"step": cut, "cpu_min": round(cpu_train, 2), **short(m),
+                              "fc_direction": round(fc["direction"], 4), "fc_order": round(fc["order"], 4)})
                 print(stage, cut, curve[-1], flush=True)
 
     init = work / "init"
@@ -94,25 +110,29 @@ def main(argv=None) -> int:
         build_tiny(init, vocab_from=str(data / "pretrain-*.tar"), width=args.width, layers=args.layers)
     run("lm", str(init), str(data / "pretrain-*.tar"), work / "base" / "lm", 1, None)
     run("image", str(work / "base" / "lm"), str(data / "pretrain-*.tar"), work / "base", 1, None)
-    result["base_cpu_min"] = round(cpu_minutes() - cpu0, 2)
+    result["base_cpu_min"] = round(cpu_minutes() - cpu0 - eval_cpu[0], 2)
     result["curves"]["visual"] = []
     run("visual", str(work / "base"), str(data / "adapt-*.tar"), work / "stage1", args.segments,
         result["curves"]["visual"])
     result["curves"]["language"] = []
     run("language", str(work / "stage1"), str(data / "adapt-*.tar"), work / "stage2", args.segments,
         result["curves"]["language"])
-    result["chain_cpu_min"] = round(cpu_minutes() - cpu0, 2)
+    result["chain_cpu_min"] = round(cpu_minutes() - cpu0 - eval_cpu[0], 2)  # training only (data prep included)
+    result["curve_eval_cpu_min"] = round(eval_cpu[0], 2)
     result["chain_wall_min"] = round((time.perf_counter() - t_wall) / 60, 2)
 
     evals = {}
     for name, model, mode in (("a_base_middle_frame", work / "base", "middle-frame"),
                               ("b_stage1", work / "stage1", "video"), ("c_stage1_2", work / "stage2", "video"),
                               ("c_stage1_2_middle_frame", work / "stage2", "middle-frame")):
-        r = evaluate_toy(str(model), None, mode=mode, clips=test)
-        evals[name] = {"test": short(r["metrics"]), "examples": r["examples"][:6]}
+        cap = load_captioner(str(model))
+        r = evaluate_toy(cap, None, mode=mode, clips=test)
+        evals[name] = {"test": short(r["metrics"]), "forced_choice_test": forced_choice_toy(cap, *test, mode=mode),
+                       "examples": r["examples"][:6]}
         if name.startswith("b_") or name == "c_stage1_2":
-            evals[name]["compositional"] = short(evaluate_toy(str(model), None, mode=mode, clips=comp)["metrics"])
-        print(name, evals[name]["test"], flush=True)
+            evals[name]["compositional"] = short(evaluate_toy(cap, None, mode=mode, clips=comp)["metrics"])
+            evals[name]["forced_choice_compositional"] = forced_choice_toy(cap, *comp, mode=mode)
+        print(name, evals[name]["test"], evals[name]["forced_choice_test"], flush=True)
     result["evaluations"] = evals
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
         "captioner_toy.json" if args.preset == "quick" else f"captioner_toy_{args.preset}.json")

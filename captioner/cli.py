@@ -19,13 +19,14 @@ from pathlib import Path
 from captioner import __version__
 
 PRESETS: dict[str, dict[str, dict]] = {
-    # per stage: TrainConfig overrides. 'quick' is the demo's default.
+    # per stage: TrainConfig overrides. 'quick' is the demo's default (the chain in about 10 CPU-minutes);
+    # 'full' spends about an hour. Measured in bench/results/captioner_toy*.json.
     "quick": {"lm": {"steps": 600, "lr": 2e-3}, "image": {"steps": 4000, "lr": 1e-3},
-              "visual": {"steps": 2000, "lr": 1e-3, "frames": 4},
-              "language": {"steps": 1000, "lr": 1e-3, "frames": 4}},
-    "full": {"lm": {"steps": 1500, "lr": 2e-3}, "image": {"steps": 1500, "lr": 1e-3},
-             "visual": {"steps": 2000, "lr": 2e-3, "frames": 8},
-             "language": {"steps": 1500, "lr": 1e-3, "frames": 8}},
+              "visual": {"steps": 1500, "lr": 2e-3, "frames": 4, "temporal_adapter": True},
+              "language": {"steps": 2500, "lr": 2e-3, "frames": 4}},
+    "full": {"lm": {"steps": 1500, "lr": 2e-3}, "image": {"steps": 8000, "lr": 1e-3},
+             "visual": {"steps": 6000, "lr": 2e-3, "frames": 4, "temporal_adapter": True},
+             "language": {"steps": 20000, "lr": 2e-3, "frames": 4}},
 }
 
 
@@ -38,6 +39,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--warmup", type=int, default=20, help="warm-up steps")
     p.add_argument("--frames", type=int, help="frames per clip (uniformly sampled)")
+    p.add_argument("--temporal-adapter", action=argparse.BooleanOptionalAction, default=None,
+                   help="visual stage: add a space-time adapter on the video tokens (captioner/adapter.py); the "
+                   "presets turn it on. vLLM cannot run a checkpoint that has one")
+    p.add_argument("--threads", type=int, help="torch CPU threads (tiny models train as fast on 1 as on 2)")
     p.add_argument("--max-samples", type=int, default=0, help="use at most this many samples (0: all)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of full weights")
     p.add_argument("--lora-rank", type=int, default=16)
@@ -52,9 +57,11 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
     from captioner.train import TrainConfig
 
     kw = dict(PRESETS[args.preset][stage])
-    for name in ("steps", "lr", "frames"):
-        if getattr(args, name) is not None:
+    for name in ("steps", "lr", "frames", "temporal_adapter"):
+        if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
+    if stage != "visual":
+        kw.pop("temporal_adapter", None)
     return TrainConfig(stage=stage, model=model, shards=args.shards, out=out, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, warmup=args.warmup, max_samples=args.max_samples, lora=args.lora,
                        lora_rank=args.lora_rank, seed=args.seed, save_every=args.save_every, resume=args.resume,
@@ -70,10 +77,18 @@ def _tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _set_threads(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
 def _pretrain_toy(args: argparse.Namespace) -> int:
     from captioner.tiny import build_tiny
     from captioner.train import read_state, train
 
+    _set_threads(args)
     out = Path(args.out)
     model = args.model
     if model is None:
@@ -96,6 +111,7 @@ def _pretrain_toy(args: argparse.Namespace) -> int:
 def _adapt(args: argparse.Namespace) -> int:
     from captioner.train import read_state, train
 
+    _set_threads(args)
     state = read_state(args.out)
     if state and state.get("finished") and state["config"]["stage"] == args.stage and not args.resume:
         print(f"{args.stage}: {args.out} is already trained ({state['step']} steps); --resume to extend it")
@@ -121,6 +137,38 @@ def _generate(args: argparse.Namespace) -> int:
     texts = caption_clips(cap, clips, mode=args.mode, batch_size=args.batch_size)
     for c, t, r in zip(clips, texts, refs):
         print(f"{c.key:<22} {t}" + (f"\n{'':<22} gt: {r}" if r else ""))
+    return 0
+
+
+def _eval_toy(args: argparse.Namespace) -> int:
+    import json
+
+    from captioner.evaluate import evaluate_toy, forced_choice_toy, load_eval_clips
+    from captioner.load import load_captioner
+    from captioner.train import read_state
+
+    frames = args.frames
+    if frames is None:
+        state = read_state(args.model) if Path(args.model).is_dir() else None
+        frames = state["config"]["frames"] if state else 8
+    cap = load_captioner(args.model, backend="hf", dtype=args.dtype)
+    clips, refs = load_eval_clips(args.shards, frames=frames, limit=args.n)
+    if not clips:
+        raise ValueError(f"no clip in {args.shards}")
+    report = evaluate_toy(cap, None, mode=args.mode, clips=(clips, refs), batch_size=args.batch_size)
+    fc = forced_choice_toy(cap, clips, refs, mode=args.mode)
+    m = report["metrics"]
+    print(f"{args.model} on {len(clips)} clip(s) of {args.shards} ({args.mode}, {frames} frames):")
+    print("generated captions against gt.txt:")
+    for name in ("object", "colour", "action", "direction_within_axis", "event_order", "exact", "parse_rate"):
+        print(f"  {name:<22} {'-' if m.get(name) is None else format(m[name], '.3f')}")
+    print("forced choice by likelihood, true caption against its flipped twin (chance 0.5):")
+    for name in ("direction", "order"):
+        print(f"  {name:<22} {'-' if fc[name] is None else format(fc[name], '.3f')}  (n={fc['n_' + name]})")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "shards": args.shards, "mode": args.mode,
+                                               "frames": frames, "generation": m, "forced_choice": fc,
+                                               "examples": report["examples"][:20]}, indent=2) + "\n")
     return 0
 
 
@@ -204,6 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=_generate)
+
+    p = sub.add_parser("eval-toy", formatter_class=fmt, help="caption toy-world clips with a checkpoint and score "
+                       "them, plus forced-choice direction and order", description="Caption the clips of toy-world "
+                       "shards and score the captions per attribute against gt.txt; then, by likelihood, whether "
+                       "the model prefers each true caption to its twin with one direction flipped (left/right, "
+                       "up/down, grows/shrinks, appears/disappears) or its two events swapped. Forced choice has "
+                       "chance 0.5 and also reads a model that cannot say events yet (the base image model).")
+    p.add_argument("--model", required=True)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--n", type=int, default=200, help="clips to evaluate (0: all)")
+    p.add_argument("--frames", type=int, help="frames per clip (default: what the checkpoint was trained on, else 8)")
+    p.add_argument("--mode", default="video", choices=["video", "middle-frame"])
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", help="also write the metrics and 20 examples to this JSON file")
+    p.set_defaults(func=_eval_toy)
 
     p = sub.add_parser("score-toy", formatter_class=fmt, help="score toy-world captions in shards against gt.txt",
                        description="Read captioned toy-world shards (e.g. `engine caption` output) and print a few "
