@@ -56,12 +56,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="result JSON (default bench/results/captioner_toy[_PRESET].json)")
     ap.add_argument("--width", type=int, help="tiny model width (language model and vision tower)")
     ap.add_argument("--layers", type=int, help="tiny model depth")
+    ap.add_argument("--config", default="qwen2-vl-tiny", help="tiny architecture (captioner.tiny.TINY_CONFIGS)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run as fast on 1 as on 2)")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    work = Path(args.work) / (args.preset + (f"-w{args.width}" if args.width else "")
+    work = Path(args.work) / (args.preset + ("" if args.config == "qwen2-vl-tiny" else f"-{args.config}")
+                              + (f"-w{args.width}" if args.width else "")
                               + (f"-l{args.layers}" if args.layers else ""))
     splits = SPLITS[args.preset]
     data = Path(args.work) / f"toy-{args.preset}"
@@ -76,7 +78,7 @@ def main(argv=None) -> int:
     result: dict = {"benchmark": "captioner_toy", "command": "python bench/captioner_toy.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "preset": args.preset, "preset_config": preset,
         "data": splits, "eval_clips": len(test[0]), "machine": {"platform": platform.platform(), "cpus": 2, "torch_threads": args.threads},
-        "model": {"width": args.width, "layers": args.layers}, "curves": {}, "stages": {}}
+        "model": {"config": args.config, "width": args.width, "layers": args.layers}, "curves": {}, "stages": {}}
     cpu0 = cpu_minutes()
     eval_cpu = [0.0]  # CPU minutes spent evaluating learning-curve points, left out of the training minutes
 
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
 
     init = work / "init"
     if not (init / "config.json").exists():
-        build_tiny(init, vocab_from=str(data / "pretrain-*.tar"), width=args.width, layers=args.layers)
+        build_tiny(init, vocab_from=str(data / "pretrain-*.tar"), name=args.config, width=args.width,
+                   layers=args.layers)
     run("lm", str(init), str(data / "pretrain-*.tar"), work / "base" / "lm", 1, None)
     run("image", str(work / "base" / "lm"), str(data / "pretrain-*.tar"), work / "base", 1, None)
     result["base_cpu_min"] = round(cpu_minutes() - cpu0 - eval_cpu[0], 2)
