@@ -290,3 +290,19 @@ def test_batched_greedy_equals_one_by_one_through_a_trained_adapter(tiny_dir, cl
     batched = [r.text for r in c.caption(clips, VIDEO, params)]
     assert batched == [c.caption([x], VIDEO, params)[0].text for x in clips]
     assert len(set(batched)) > 1
+
+
+def test_visual_stage_with_adapter_resumes_exactly(tiny_dir, toy, tmp_path):
+    from safetensors.torch import load_file
+
+    from captioner.adapter import WEIGHTS_FILE
+    from captioner.train import TrainConfig, train
+
+    kw = dict(stage="visual", model=str(tiny_dir), shards=str(toy / "adapt-*.tar"), steps=6, batch_size=4, frames=4,
+              warmup=1, lr=1e-2, temporal_adapter=True)
+    train(TrainConfig(out=str(tmp_path / "a"), **kw), progress=False)
+    assert train(TrainConfig(out=str(tmp_path / "b"), stop_at=3, **kw), progress=False)["step"] == 3
+    train(TrainConfig(out=str(tmp_path / "b"), resume=True, **kw), progress=False)
+    for name in ("model.safetensors", WEIGHTS_FILE):
+        a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
