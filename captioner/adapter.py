@@ -5,8 +5,7 @@ patch), so motion across slices is left to the language model and its M-RoPE pos
 tiny model's M-RoPE gives spatial positions almost no rotation, so it can hardly tell where a
 token sits. The adapter sits between the tower and the language model, on video tokens only:
 a space-time convolution over the merged token grid (neighbouring slices and neighbouring
-tokens in one kernel, through a bottleneck), optionally followed by space-time attention
-blocks with learned time, row and column embeddings. Each path ends in a zero-initialised
+tokens in one kernel, through a bottleneck), added back through a zero-initialised
 projection, so a new adapter leaves the image model exactly as it was; visual adaptation
 (stage 1) trains it with the vision tower while the language model stays frozen, an honest
 reading of the paper's "visual adaptation".
@@ -23,6 +22,7 @@ so `AutoModelForImageTextToText` still loads the checkpoint (without the adapter
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,11 +38,6 @@ class AdapterConfig:
     dim: int  # the language model's hidden size (what the vision merger outputs)
     width: int = 0  # the space-time convolution's channels (0: min(dim, 256))
     kernel: tuple[int, int, int] = (3, 3, 3)  # (time, rows, columns) of merged tokens
-    layers: int = 0  # space-time attention blocks after the convolution
-    heads: int = 4
-    mlp_ratio: int = 2
-    max_time: int = 64  # temporal slices (frames / 2)
-    max_side: int = 128  # merged tokens along one side
 
     def __post_init__(self) -> None:
         self.kernel = tuple(self.kernel)
@@ -50,30 +45,11 @@ class AdapterConfig:
             self.width = min(self.dim, 256)
         if any(k % 2 == 0 for k in self.kernel):
             raise ValueError(f"adapter kernel {self.kernel} must be odd along every axis")
-        if self.layers and self.dim % self.heads:
-            raise ValueError(f"adapter width {self.dim} does not split into {self.heads} heads")
-
-
-class _Block(nn.Module):
-    def __init__(self, cfg: AdapterConfig):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(cfg.dim)
-        self.attn = nn.MultiheadAttention(cfg.dim, cfg.heads, batch_first=True)
-        self.norm2 = nn.LayerNorm(cfg.dim)
-        self.mlp = nn.Sequential(nn.Linear(cfg.dim, cfg.mlp_ratio * cfg.dim), nn.GELU(),
-                                 nn.Linear(cfg.mlp_ratio * cfg.dim, cfg.dim))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        a = self.norm1(h)
-        h = h + self.attn(a, a, a, need_weights=False)[0]
-        return h + self.mlp(self.norm2(h))
 
 
 class TemporalAdapter(nn.Module):
-    """A space-time convolution (then optional attention) over each video's merged tokens, added back.
-
-    Both paths end in a zero-initialised projection, so a new adapter is the identity.
-    """
+    """A space-time convolution over each video's merged tokens, added back through a zero-initialised
+    projection (so a new adapter is the identity)."""
 
     def __init__(self, cfg: AdapterConfig):
         super().__init__()
@@ -84,64 +60,38 @@ class TemporalAdapter(nn.Module):
         self.up = nn.Linear(cfg.width, cfg.dim)
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
-        if cfg.layers:
-            self.time = nn.Embedding(cfg.max_time, cfg.dim)
-            self.row = nn.Embedding(cfg.max_side, cfg.dim)
-            self.col = nn.Embedding(cfg.max_side, cfg.dim)
-            for emb in (self.time, self.row, self.col):
-                nn.init.normal_(emb.weight, std=0.02)
-            self.blocks = nn.ModuleList(_Block(cfg) for _ in range(cfg.layers))
-            self.norm = nn.LayerNorm(cfg.dim)
-            self.out = nn.Linear(cfg.dim, cfg.dim)
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """tokens: [t*h*w, dim] of one video in (time, row, column) order; grid: merged (t, h, w)."""
         t, h, w = grid
-        if t > self.cfg.max_time or max(h, w) > self.cfg.max_side:
-            raise ValueError(f"video grid {grid} exceeds the adapter's {self.cfg.max_time} slices / "
-                             f"{self.cfg.max_side} tokens a side")
         # what changed where: neighbouring slices and neighbouring tokens in one kernel
         x = self.down(tokens).reshape(t, h, w, -1).permute(3, 0, 1, 2)[None]
         x = self.act(self.conv(x))[0].permute(1, 2, 3, 0).reshape(t * h * w, -1)
-        tokens = tokens + self.up(x)
-        if not self.cfg.layers:
-            return tokens
-        dev = tokens.device
-        pos = (self.time(torch.arange(t, device=dev))[:, None, None]
-               + self.row(torch.arange(h, device=dev))[None, :, None]
-               + self.col(torch.arange(w, device=dev))[None, None, :]).reshape(t * h * w, -1)
-        x = (tokens + pos.to(tokens.dtype))[None]
-        for blk in self.blocks:
-            x = blk(x)
-        return tokens + self.out(self.norm(x))[0]
+        return tokens + self.up(x)
 
 
-def _core(model):
-    """The module with ``visual`` and ``get_video_features`` (Qwen2VLModel inside the generation model)."""
-    core = getattr(model, "model", model)
-    if not hasattr(core, "visual") or not hasattr(core, "get_video_features"):
-        raise ValueError(f"{type(model).__name__} has no vision tower with video features to adapt")
-    return core
+def _visual(model):
+    """The vision tower (``model.model.visual`` in the generation model), or None."""
+    return getattr(getattr(model, "model", model), "visual", None)
 
 
 def adapter_of(model) -> TemporalAdapter | None:
-    core = getattr(model, "model", model)
-    visual = getattr(core, "visual", None)
-    return getattr(visual, "temporal_adapter", None) if visual is not None else None
+    return getattr(_visual(model), "temporal_adapter", None)
 
 
 def attach_adapter(model, cfg: AdapterConfig | None = None) -> TemporalAdapter:
     """Adds a (new, identity) adapter to ``model``'s video path; returns it. Idempotent."""
-    core = _core(model)
+    core = getattr(model, "model", model)
+    if _visual(model) is None or not hasattr(core, "get_video_features"):
+        raise ValueError(f"{type(model).__name__} has no vision tower with video features to adapt")
     existing = adapter_of(model)
     if existing is not None:
         return existing
     text_cfg = getattr(model.config, "text_config", model.config)
     cfg = cfg or AdapterConfig(dim=int(text_cfg.hidden_size))
     visual = core.visual
-    adapter = TemporalAdapter(cfg).to(next(visual.parameters()).device, next(visual.parameters()).dtype)
+    ref = next(visual.parameters())
+    adapter = TemporalAdapter(cfg).to(ref.device, ref.dtype)
     visual.temporal_adapter = adapter  # under 'visual': frozen and trained with the vision side
     merge = int(visual.spatial_merge_size)
     plain = core.get_video_features
@@ -185,20 +135,14 @@ def load_adapter(model, directory: str | Path) -> TemporalAdapter | None:
     return adapter
 
 
-class detached:
-    """Context: the adapter leaves the module tree (so `save_pretrained` writes a plain checkpoint)."""
-
-    def __init__(self, model):
-        self.visual = getattr(getattr(model, "model", model), "visual", None)
-        self.adapter = None
-
-    def __enter__(self):
-        if self.visual is not None and hasattr(self.visual, "temporal_adapter"):
-            self.adapter = self.visual.temporal_adapter
-            del self.visual.temporal_adapter
-        return self
-
-    def __exit__(self, *exc):
-        if self.adapter is not None:
-            self.visual.temporal_adapter = self.adapter
-        return False
+@contextmanager
+def detached(model):
+    """The adapter leaves the module tree for the block (so `save_pretrained` writes a plain checkpoint)."""
+    visual, adapter = _visual(model), adapter_of(model)
+    if adapter is not None:
+        del visual.temporal_adapter
+    try:
+        yield
+    finally:
+        if adapter is not None:
+            visual.temporal_adapter = adapter

@@ -118,26 +118,24 @@ class HFCaptioner(Captioner):
         """
         b = self.fit(clip, prompt, GenerationParams(max_new_tokens=max(8, max(len(a) for a in answers))))
         tok = self.processor.tokenizer
-        head = render_prompt(self.processor, prompt)
         media = b.frames if prompt.media == "video" else b.frames[0]
-
-        def encode(texts: list[str]):
-            kwargs = ({"videos": [media] * len(texts), "do_sample_frames": False} if prompt.media == "video"
-                      else {"images": [media] * len(texts)})
-            return self.processor(text=texts, padding=True, return_tensors="pt", **kwargs)
-
-        start = encode([head])["input_ids"].shape[1]  # the answer's first position (video pads expanded)
-        text = [head + a + "<|im_end|>" for a in answers]
+        kwargs = ({"videos": [media] * len(answers), "do_sample_frames": False} if prompt.media == "video"
+                  else {"images": [media] * len(answers)})
+        head = render_prompt(self.processor, prompt)
         tok.padding_side = "right"
         try:
-            enc = encode(text).to(self.device)
+            enc = self.processor(text=[head + a + "<|im_end|>" for a in answers], padding=True, return_tensors="pt",
+                                 **kwargs).to(self.device)
         finally:
             tok.padding_side = "left"
         logp = torch.log_softmax(self.model(**enc).logits[:, :-1].float(), dim=-1)
-        target = enc["input_ids"][:, 1:]
-        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * enc["attention_mask"][:, 1:]
-        return picked[:, start - 1:].sum(dim=1).tolist()
-
+        picked = logp.gather(-1, enc["input_ids"][:, 1:, None])[..., 0]  # [i, j]: log p(token j + 1)
+        ends = enc["attention_mask"].sum(dim=1).tolist()  # right padding: each row's length
+        out = []
+        for i, a in enumerate(answers):  # the answer is the last n tokens of its row
+            n = len(tok(a + "<|im_end|>", add_special_tokens=False)["input_ids"])
+            out.append(float(picked[i, ends[i] - n - 1:ends[i] - 1].sum()))
+        return out
 
 def _as_set(x) -> set[int]:
     if x is None:

@@ -122,16 +122,21 @@ def _adapt(args: argparse.Namespace) -> int:
     return 0
 
 
+def _frames_for(model: str, frames: int | None) -> int:
+    """--frames, else as many frames as the checkpoint was trained on, else 8."""
+    from captioner.train import read_state
+
+    if frames is not None:
+        return frames
+    state = read_state(model) if Path(model).is_dir() else None
+    return state["config"]["frames"] if state else 8
+
+
 def _generate(args: argparse.Namespace) -> int:
     from captioner.evaluate import caption_clips, load_eval_clips
     from captioner.load import load_captioner
 
-    from captioner.train import read_state
-
-    frames = args.frames
-    if frames is None:  # caption with as many frames as the checkpoint was trained on
-        state = read_state(args.model) if Path(args.model).is_dir() else None
-        frames = state["config"]["frames"] if state else 8
+    frames = _frames_for(args.model, args.frames)
     cap = load_captioner(args.model, backend=args.backend, dtype=args.dtype)
     clips, refs = load_eval_clips(args.shards, frames=frames, limit=args.n)
     texts = caption_clips(cap, clips, mode=args.mode, batch_size=args.batch_size)
@@ -145,12 +150,8 @@ def _eval_toy(args: argparse.Namespace) -> int:
 
     from captioner.evaluate import evaluate_toy, forced_choice_toy, load_eval_clips
     from captioner.load import load_captioner
-    from captioner.train import read_state
 
-    frames = args.frames
-    if frames is None:
-        state = read_state(args.model) if Path(args.model).is_dir() else None
-        frames = state["config"]["frames"] if state else 8
+    frames = _frames_for(args.model, args.frames)
     cap = load_captioner(args.model, backend="hf", dtype=args.dtype)
     clips, refs = load_eval_clips(args.shards, frames=frames, limit=args.n)
     if not clips:

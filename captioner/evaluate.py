@@ -34,11 +34,16 @@ def load_eval_clips(shards: str, frames: int = 8, limit: int = 0) -> tuple[list[
     return clips, refs
 
 
+def middle_frame(clip: Clip) -> Clip:
+    """The clip's middle frame, duplicated: Qwen2-VL's temporal patch wants 2 frames."""
+    return Clip(clip.key, clip.frames[[len(clip.frames) // 2] * 2])
+
+
 def caption_clips(cap: Captioner, clips: list[Clip], mode: str = "video", batch_size: int = 32,
                   max_new_tokens: int = 32) -> list[str]:
     prompt = get_prompt(MODES[mode])
-    if mode == "middle-frame":  # one frame, duplicated: Qwen2-VL's temporal patch wants 2 frames
-        clips = [Clip(c.key, c.frames[[len(c.frames) // 2] * 2]) for c in clips]
+    if mode == "middle-frame":
+        clips = [middle_frame(c) for c in clips]
     params = GenerationParams(max_new_tokens=max_new_tokens)
     texts: list[str] = []
     for i in range(0, len(clips), batch_size):
@@ -92,7 +97,7 @@ def forced_choice_toy(cap, clips: list[Clip], refs: list[str], mode: str = "vide
     counts = {"direction": 0, "order": 0}
     for clip, ref in zip(clips, refs):
         if mode == "middle-frame":
-            clip = Clip(clip.key, clip.frames[[len(clip.frames) // 2] * 2])
+            clip = middle_frame(clip)
         events = parse_caption(ref)
         if events is None:
             raise ValueError(f"reference of {clip.key} is not in the toy grammar: {ref!r}")
