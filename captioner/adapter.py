@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields as dataclass_fields
 from pathlib import Path
 
 import torch
@@ -126,8 +126,12 @@ def load_adapter(model, directory: str | Path) -> TemporalAdapter | None:
     directory = Path(directory)
     if not (directory / CONFIG_FILE).exists():
         return None
-    cfg = AdapterConfig(**json.loads((directory / CONFIG_FILE).read_text()))
-    adapter = attach_adapter(model, cfg)
+    fields = json.loads((directory / CONFIG_FILE).read_text())
+    unknown = sorted(set(fields) - {f.name for f in dataclass_fields(AdapterConfig)})
+    if unknown:
+        raise ValueError(f"{directory / CONFIG_FILE}: unknown temporal-adapter field(s) {', '.join(unknown)}; "
+                         "this checkpoint was written by another version of pseudocap")
+    adapter = attach_adapter(model, AdapterConfig(**fields))
     try:
         adapter.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     except (FileNotFoundError, RuntimeError) as exc:

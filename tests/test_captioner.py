@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -231,6 +232,10 @@ def test_visual_stage_with_adapter_saves_a_plain_checkpoint_beside_it(tiny_dir, 
                                                         GenerationParams(max_new_tokens=3))[0].ok
     with pytest.raises(ValueError, match="temporal adapter"):
         load_captioner(str(out), backend="vllm")
+    cfg = json.loads((out / CONFIG_FILE).read_text())
+    (out / CONFIG_FILE).write_text(json.dumps({**cfg, "layers": 0}))  # written by another version
+    with pytest.raises(ValueError, match=r"temporal_adapter\.json: unknown temporal-adapter field\(s\) layers"):
+        load_captioner(str(out))
 
 
 def test_log_likelihood_is_the_training_loss_of_the_answer(cap, clips):
