@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -270,8 +271,13 @@ def save_checkpoint(model, processor, optimizer, cfg: TrainConfig, step: int, ou
 
 # --------------------------------------------------------------------------- the loop
 
-def train(cfg: TrainConfig, progress: bool = True) -> dict:
+def train(cfg: TrainConfig, progress: bool = True,
+          on_checkpoint: Callable[[int, Path], None] | None = None) -> dict:
     """Runs one stage to ``cfg.steps`` optimizer steps; resumes from ``cfg.out`` when asked.
+
+    ``on_checkpoint(step, out)`` is called after every checkpoint is written (``cfg.save_every``
+    and the last step): a learning curve evaluates there without stopping the run, so the
+    examples are prepared once.
 
     Returns:
         A summary: final step, last loss, seconds, examples used.
@@ -358,6 +364,12 @@ def train(cfg: TrainConfig, progress: bool = True) -> dict:
             return {"step": step + 1, "loss": last_loss, "stopped": True, **report}
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             save_checkpoint(model, processor, optimizer, cfg, step + 1, out, report)
+            if on_checkpoint:
+                h0 = time.perf_counter()
+                on_checkpoint(step + 1, out)
+                t0 += time.perf_counter() - h0  # the hook's time is not training time
     bar.close()
     save_checkpoint(model, processor, optimizer, cfg, cfg.steps, out, report)
+    if on_checkpoint:
+        on_checkpoint(cfg.steps, out)
     return {"step": cfg.steps, "loss": last_loss, "seconds": round(time.perf_counter() - t0, 1), **report}

@@ -145,11 +145,14 @@ def _params(path):
 
 
 def test_lm_stage_learns_and_resumes_exactly(tiny_dir, toy, tmp_path):
-    from captioner.train import TrainConfig, train
+    from captioner.train import TrainConfig, read_state, train
 
     kw = dict(stage="lm", model=str(tiny_dir), shards=str(toy / "pretrain-*.tar"), steps=24, batch_size=8,
               lr=3e-3, warmup=2, log_every=1)
-    full = train(TrainConfig(out=str(tmp_path / "a"), **kw), progress=False)
+    seen = []  # a learning curve's hook: each checkpoint is on disk, at its step, when the hook runs
+    train(TrainConfig(out=str(tmp_path / "a"), save_every=8, **kw), progress=False,
+          on_checkpoint=lambda step, out: seen.append((step, read_state(out)["step"])))
+    assert seen == [(8, 8), (16, 16), (24, 24)]
     cut = train(TrainConfig(out=str(tmp_path / "b"), stop_at=10, **kw), progress=False)
     assert cut.get("stopped") and cut["step"] == 10
     resumed = train(TrainConfig(out=str(tmp_path / "b"), resume=True, **kw), progress=False)
