@@ -26,7 +26,7 @@ PRESETS: dict[str, dict[str, dict]] = {
               "language": {"steps": 2500, "lr": 2e-3, "frames": 4}},
     "full": {"lm": {"steps": 1500, "lr": 2e-3}, "image": {"steps": 8000, "lr": 1e-3},
              "visual": {"steps": 6000, "lr": 2e-3, "frames": 4, "temporal_adapter": True},
-             "language": {"steps": 20000, "lr": 2e-3, "frames": 4}},
+             "language": {"steps": 16000, "lr": 2e-3, "frames": 4}},
 }
 
 

@@ -24,7 +24,8 @@ def _synth(args: argparse.Namespace) -> int:
 
     try:
         cfg = SynthConfig(split=args.split, n=args.n, seed=args.seed, frames=args.frames, size=args.size,
-                          fps=args.fps, shard_size=args.shard_size, reverse_frac=args.reverse_frac)
+                          fps=args.fps, shard_size=args.shard_size, reverse_frac=args.reverse_frac,
+                          events=args.events)
     except ValueError as exc:
         print(f"engine synth: {exc}", file=sys.stderr)
         return 2
@@ -269,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     p.add_argument("--reverse-frac", type=float, default=0.5, help="share of clips that get a time-reversed twin")
+    p.add_argument("--events", type=int, default=0, choices=[0, 1, 2], help="events per video clip: 0 draws one "
+                   "or two (placement retries favour one: about 10%% of clips get two), 1 or 2 fixes the count")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_synth)
 

@@ -47,6 +47,7 @@ class SynthConfig:
     shard_size: int = 256
     reverse_frac: float = 0.5  # share of clips that also get their time-reversed twin
     crf: int = 18
+    events: int = 0  # events per video clip: 0 draws one or two; 1 or 2 fixes it (e.g. extra two-event data)
 
     def __post_init__(self) -> None:
         problems = []
@@ -62,13 +63,20 @@ class SynthConfig:
             problems.append(f"--fps must be > 0, got {self.fps}")
         if self.shard_size < 1:
             problems.append(f"--shard-size must be >= 1, got {self.shard_size}")
+        if self.events not in (0, 1, 2):
+            problems.append(f"--events must be 0 (one or two), 1 or 2, got {self.events}")
+        elif self.events and self.split == "pretrain":
+            problems.append("--events applies to video splits; pretrain frames have no events")
         if not 0 <= self.reverse_frac <= 1:
             problems.append(f"--reverse-frac must be within [0, 1], got {self.reverse_frac}")
         if problems:
             raise ValueError("; ".join(problems))
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if not self.events:
+            del fields["events"]  # the default draws as before the option existed: earlier shards stay valid
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------- scene sampling
@@ -151,8 +159,9 @@ def sample_clip(cfg: SynthConfig, index: int) -> ToyClip:
     """The scene graph of clip ``index`` of the split (no pixels yet)."""
     rng = np.random.default_rng([cfg.seed, SPLIT_IDS[cfg.split], index])
     F, S = (1 if cfg.split == "pretrain" else cfg.frames), cfg.size
-    for _ in range(200):
-        n_events = 0 if cfg.split == "pretrain" else int(rng.integers(1, 3))
+    tries = 2000 if cfg.events else 200  # a fixed count of two events fits less often than one or two
+    for _ in range(tries):
+        n_events = 0 if cfg.split == "pretrain" else (cfg.events or int(rng.integers(1, 3)))
         n_objects = int(rng.integers(max(1, n_events), 4))
         used: set[str] = set()
         picks = []
@@ -194,7 +203,7 @@ def sample_clip(cfg: SynthConfig, index: int) -> ToyClip:
                            objects=objects, events=events, tracks=tracks, caption="")
             clip.caption = static_caption(clip) if cfg.split == "pretrain" else caption(clip)
             return clip
-    raise RuntimeError(f"could not place the objects of clip {index} of split {cfg.split!r} after 200 tries")
+    raise RuntimeError(f"could not place the objects of clip {index} of split {cfg.split!r} after {tries} tries")
 
 
 def reverse_clip(clip: ToyClip) -> ToyClip:

@@ -149,6 +149,26 @@ def test_bad_synth_arguments_are_named():
     with pytest.raises(ValueError, match="--split") as err:
         SynthConfig(split="nope", n=0)
     assert "--n" in str(err.value)
+    with pytest.raises(ValueError, match="--events must be 0"):
+        SynthConfig(split="adapt", n=1, events=3)
+    with pytest.raises(ValueError, match="--events applies to video splits"):
+        SynthConfig(split="pretrain", n=1, events=2)
+
+
+def test_events_fixes_the_count_per_clip_and_the_default_draws_as_before():
+    mixed = [len(sample_clip(SynthConfig(split="adapt", n=1), i).events) for i in range(60)]
+    assert set(mixed) == {1, 2} and mixed.count(2) < mixed.count(1)  # placement retries favour one event
+    for k in (1, 2):
+        cfg = SynthConfig(split="adapt", n=1, seed=3, events=k)
+        assert all(len(sample_clip(cfg, i).events) == k for i in range(40))
+        assert cfg.config_hash() != SynthConfig(split="adapt", n=1, seed=3).config_hash()
+    # the option's default leaves the hash of every earlier configuration unchanged (committed shards stay valid)
+    import hashlib
+    from dataclasses import asdict
+
+    old = {k: v for k, v in asdict(SynthConfig(split="adapt", n=5)).items() if k != "events"}
+    assert SynthConfig(split="adapt", n=5).config_hash() == hashlib.sha256(
+        json.dumps(old, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def test_rerun_reuses_committed_shards_and_redoes_changed_ones(tmp_path):
