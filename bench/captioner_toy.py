@@ -1,6 +1,7 @@
 """Caption accuracy of the toy chain base -> stage 1 -> stage 2, with learning curves against CPU minutes.
 
 Usage: python bench/captioner_toy.py [--preset quick|full] [--work bench/work/captioner] [--eval-n 200]
+           [--config qwen2-vl-tiny] [--frames N] [--steps STAGE=N ...] [--data SPLIT=N ...]
 
 Writes bench/results/captioner_toy[_full].json: per-attribute accuracy (object, colour, action,
 direction within its axis, event order, exact match; see captioner/toy_metrics.py) on the `test`
