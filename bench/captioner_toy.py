@@ -97,9 +97,8 @@ def main(argv=None) -> int:
             preset[stage]["frames"] = args.frames
     data = Path(args.work) / ("toy-" + "-".join(f"{k}{v}" for k, v in splits.items()))
     t_wall = time.perf_counter()
-    for split, n in splits.items():
-        if not list(data.glob(f"{split}-*_stats.json")):
-            synth(SynthConfig(split=split, n=n, seed=0), data, progress=False)
+    for split, n in splits.items():  # synth reuses shards an identical configuration committed
+        synth(SynthConfig(split=split, n=n, seed=0), data, progress=False)
     frames = preset["visual"].get("frames", 8)
     test = load_eval_clips(str(data / "test-*.tar"), frames=frames, limit=args.eval_n)
     comp = load_eval_clips(str(data / "compositional-*.tar"), frames=frames, limit=args.eval_n)

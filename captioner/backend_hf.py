@@ -137,6 +137,7 @@ class HFCaptioner(Captioner):
             out.append(float(picked[i, ends[i] - n - 1:ends[i] - 1].sum()))
         return out
 
+
 def _as_set(x) -> set[int]:
     if x is None:
         return set()
