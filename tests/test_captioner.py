@@ -311,3 +311,31 @@ def test_visual_stage_with_adapter_resumes_exactly(tiny_dir, toy, tmp_path):
     for name in ("model.safetensors", WEIGHTS_FILE):
         a, b = load_file(str(tmp_path / "a" / name)), load_file(str(tmp_path / "b" / name))
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), name
+
+
+def test_language_stage_on_precomputed_features_trains_as_through_pixels(tiny_dir, toy, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from captioner.adapter import WEIGHTS_FILE, attach_adapter, detached, save_adapter
+    from captioner.train import TrainConfig, train
+
+    start = tmp_path / "start"  # a non-identity adapter on the frozen side: the features are more than the tower's
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    for p in attach_adapter(model).up.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    with detached(model):
+        model.save_pretrained(start)
+    save_adapter(model, start)
+    AutoProcessor.from_pretrained(tiny_dir).save_pretrained(start)
+    kw = dict(stage="language", model=str(start), shards=str(toy / "adapt-*.tar"), steps=5, batch_size=4, frames=4,
+              warmup=1, lr=1e-2)
+    fast = train(TrainConfig(out=str(tmp_path / "fast"), **kw), progress=False)
+    slow = train(TrainConfig(out=str(tmp_path / "slow"), precompute_features=False, **kw), progress=False)
+    assert (fast["visual_features"], slow["visual_features"]) == ("precomputed", "per step")
+    assert fast["loss"] == pytest.approx(slow["loss"], rel=1e-4)
+    a, b, s = _params(tmp_path / "fast"), _params(tmp_path / "slow"), _params(start)
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(not torch.equal(a[k], s[k]) for k in a)  # it trained
+    assert torch.equal(load_file(str(tmp_path / "fast" / WEIGHTS_FILE))["up.weight"],
+                       load_file(str(start / WEIGHTS_FILE))["up.weight"])  # frozen, passed on
