@@ -39,6 +39,7 @@ SPLITS = {  # clips per split: the quick preset uses the demo's data; the full p
     # from 10k to 20k steps): it gets three times the clips, which cost ~3 CPU-minutes to make
     "full": {"pretrain": 16000, "adapt": 12000, "test": 200, "compositional": 200},
 }
+TWO_EVENT = {"quick": 0, "full": 0}  # extra adapt clips with exactly two events (engine synth --events 2, seed 1)
 KEYS = ("object", "colour", "action", "direction_within_axis", "event_order", "exact", "parse_rate")
 
 
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
                     "(default: the preset's)")
     ap.add_argument("--steps", action="append", default=[], metavar="STAGE=N",
                     help="override one stage's steps, e.g. --steps language=12000 (repeatable)")
+    ap.add_argument("--two-event", type=int, help="extra adapt clips with exactly two events for both adaptation "
+                    "stages (default: the preset's)")
     ap.add_argument("--data", action="append", default=[], metavar="SPLIT=N",
                     help="override one split's clip count, e.g. --data adapt=8000 (repeatable)")
     args = ap.parse_args(argv)
@@ -83,7 +86,9 @@ def main(argv=None) -> int:
                               + (f"-w{args.width}" if args.width else "")
                               + (f"-l{args.layers}" if args.layers else "")
                               + (f"-f{args.frames}" if args.frames else "")
-                              + "".join(f"-{x.replace('=', '')}" for x in args.steps + args.data))
+                              + "".join(f"-{x.replace('=', '')}" for x in args.steps + args.data)
+                              + (f"-two{args.two_event}" if args.two_event is not None else ""))
+    two_event = TWO_EVENT[args.preset] if args.two_event is None else args.two_event
     splits = dict(SPLITS[args.preset])
     for item in args.data:
         split, n = _override(item, splits, "--data")
@@ -99,12 +104,17 @@ def main(argv=None) -> int:
     t_wall = time.perf_counter()
     for split, n in splits.items():  # synth reuses shards an identical configuration committed
         synth(SynthConfig(split=split, n=n, seed=0), data, progress=False)
+    adapt = str(data / "adapt-*.tar")
+    if two_event:  # the default world gives two events to ~10% of clips; these add more of them
+        extra = Path(args.work) / f"toy-adapt{two_event}-events2-seed1"
+        synth(SynthConfig(split="adapt", n=two_event, seed=1, events=2), extra, progress=False)
+        adapt = "{" + adapt + "," + str(extra / "adapt-*.tar") + "}"
     frames = preset["visual"].get("frames", 8)
     test = load_eval_clips(str(data / "test-*.tar"), frames=frames, limit=args.eval_n)
     comp = load_eval_clips(str(data / "compositional-*.tar"), frames=frames, limit=args.eval_n)
     result: dict = {"benchmark": "captioner_toy", "command": "python bench/captioner_toy.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "preset": args.preset, "preset_config": preset,
-        "data": splits, "eval_clips": len(test[0]), "machine": {"platform": platform.platform(), "cpus": 2, "torch_threads": args.threads},
+        "data": {**splits, "adapt_two_event": two_event}, "eval_clips": len(test[0]), "machine": {"platform": platform.platform(), "cpus": 2, "torch_threads": args.threads},
         "model": {"config": args.config, "width": args.width, "layers": args.layers}, "curves": {}, "stages": {}}
     cpu0 = cpu_minutes()
     eval_cpu = [0.0]  # CPU minutes spent evaluating learning-curve points, left out of the training minutes
@@ -147,10 +157,10 @@ def main(argv=None) -> int:
     run("image", str(work / "base" / "lm"), str(data / "pretrain-*.tar"), work / "base", 1, None)
     result["base_cpu_min"] = round(cpu_minutes() - cpu0 - eval_cpu[0], 2)
     result["curves"]["visual"] = []
-    run("visual", str(work / "base"), str(data / "adapt-*.tar"), work / "stage1", args.segments,
+    run("visual", str(work / "base"), adapt, work / "stage1", args.segments,
         result["curves"]["visual"])
     result["curves"]["language"] = []
-    run("language", str(work / "stage1"), str(data / "adapt-*.tar"), work / "stage2", args.segments,
+    run("language", str(work / "stage1"), adapt, work / "stage2", args.segments,
         result["curves"]["language"])
     result["chain_cpu_min"] = round(cpu_minutes() - cpu0 - eval_cpu[0], 2)  # training only (data prep included)
     result["curve_eval_cpu_min"] = round(eval_cpu[0], 2)
