@@ -66,13 +66,12 @@ def main(argv=None) -> int:
                           frames=args.frames)
         model = apply_freezing(model, cfg)
         model.train()
+        t0 = time.perf_counter()
         plain, _ = build_examples(cfg, processor, progress=False)
+        prep_plain = time.perf_counter() - t0
         t0 = time.perf_counter()
         cached, report = build_examples(cfg, processor, progress=False, features=frozen_features(model, "cpu"))
         prep_cached = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        build_examples(cfg, processor, progress=False)
-        prep_plain = time.perf_counter() - t0
         pad = processor.tokenizer.pad_token_id
         batches = {"per_step": collate(plain[:16], pad), "precomputed": collate(cached[:16], pad)}
         params = [p for p in model.parameters() if p.requires_grad]

@@ -1,7 +1,7 @@
 """Caption accuracy of the toy chain base -> stage 1 -> stage 2, with learning curves against CPU minutes.
 
 Usage: python bench/captioner_toy.py [--preset quick|full] [--work bench/work/captioner] [--eval-n 200]
-           [--config qwen2-vl-tiny] [--frames N] [--steps STAGE=N ...] [--data SPLIT=N ...]
+           [--config qwen2-vl-tiny] [--frames N] [--steps STAGE=N ...] [--data SPLIT=N ...] [--two-event N]
 
 Writes bench/results/captioner_toy[_full].json: per-attribute accuracy (object, colour, action,
 direction within its axis, event order, exact match; see captioner/toy_metrics.py) on the `test`
@@ -39,7 +39,6 @@ SPLITS = {  # clips per split: the quick preset uses the demo's data; the full p
     # from 10k to 20k steps): it gets three times the clips, which cost ~3 CPU-minutes to make
     "full": {"pretrain": 16000, "adapt": 12000, "test": 200, "compositional": 200},
 }
-TWO_EVENT = {"quick": 0, "full": 0}  # extra adapt clips with exactly two events (engine synth --events 2, seed 1)
 KEYS = ("object", "colour", "action", "direction_within_axis", "event_order", "exact", "parse_rate")
 
 
@@ -74,8 +73,8 @@ def main(argv=None) -> int:
                     "(default: the preset's)")
     ap.add_argument("--steps", action="append", default=[], metavar="STAGE=N",
                     help="override one stage's steps, e.g. --steps language=12000 (repeatable)")
-    ap.add_argument("--two-event", type=int, help="extra adapt clips with exactly two events for both adaptation "
-                    "stages (default: the preset's)")
+    ap.add_argument("--two-event", type=int, default=0, metavar="N", help="add N adapt clips with exactly two events "
+                    "(engine synth --events 2, seed 1) to both adaptation stages")
     ap.add_argument("--data", action="append", default=[], metavar="SPLIT=N",
                     help="override one split's clip count, e.g. --data adapt=8000 (repeatable)")
     args = ap.parse_args(argv)
@@ -87,8 +86,7 @@ def main(argv=None) -> int:
                               + (f"-l{args.layers}" if args.layers else "")
                               + (f"-f{args.frames}" if args.frames else "")
                               + "".join(f"-{x.replace('=', '')}" for x in args.steps + args.data)
-                              + (f"-two{args.two_event}" if args.two_event is not None else ""))
-    two_event = TWO_EVENT[args.preset] if args.two_event is None else args.two_event
+                              + (f"-two{args.two_event}" if args.two_event else ""))
     splits = dict(SPLITS[args.preset])
     for item in args.data:
         split, n = _override(item, splits, "--data")
@@ -105,16 +103,16 @@ def main(argv=None) -> int:
     for split, n in splits.items():  # synth reuses shards an identical configuration committed
         synth(SynthConfig(split=split, n=n, seed=0), data, progress=False)
     adapt = str(data / "adapt-*.tar")
-    if two_event:  # the default world gives two events to ~10% of clips; these add more of them
-        extra = Path(args.work) / f"toy-adapt{two_event}-events2-seed1"
-        synth(SynthConfig(split="adapt", n=two_event, seed=1, events=2), extra, progress=False)
+    if args.two_event:  # the default world gives two events to ~10% of clips; these add more of them
+        extra = Path(args.work) / f"toy-adapt{args.two_event}-events2-seed1"
+        synth(SynthConfig(split="adapt", n=args.two_event, seed=1, events=2), extra, progress=False)
         adapt = "{" + adapt + "," + str(extra / "adapt-*.tar") + "}"
     frames = preset["visual"].get("frames", 8)
     test = load_eval_clips(str(data / "test-*.tar"), frames=frames, limit=args.eval_n)
     comp = load_eval_clips(str(data / "compositional-*.tar"), frames=frames, limit=args.eval_n)
     result: dict = {"benchmark": "captioner_toy", "command": "python bench/captioner_toy.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "preset": args.preset, "preset_config": preset,
-        "data": {**splits, "adapt_two_event": two_event}, "eval_clips": len(test[0]), "machine": {"platform": platform.platform(), "cpus": 2, "torch_threads": args.threads},
+        "data": {**splits, "adapt_two_event": args.two_event}, "eval_clips": len(test[0]), "machine": {"platform": platform.platform(), "cpus": 2, "torch_threads": args.threads},
         "model": {"config": args.config, "width": args.width, "layers": args.layers}, "curves": {}, "stages": {}}
     cpu0 = cpu_minutes()
     eval_cpu = [0.0]  # CPU minutes spent evaluating learning-curve points, left out of the training minutes

@@ -117,7 +117,7 @@ def frozen_features(model, device: str) -> FeatureFn:
             out = fn(pixels.to(device, torch.float32), grid.to(device), return_dict=True).pooler_output
         finally:
             core.visual.train(was_training)
-        return [f.detach().to("cpu", torch.float32).clone() for f in out]
+        return [f.to("cpu", torch.float32).clone() for f in out]  # clone: not views of the whole batch
 
     return encode
 
@@ -171,7 +171,7 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True,
     def encode(key: tuple) -> None:
         clips = pending.pop(key)
         media, grid = key[0], torch.tensor([key[1]] * len(clips))
-        for (_, owners), feats in zip(clips, features(media, torch.cat([c[0] for c in clips]).float(), grid)):
+        for (_, owners), feats in zip(clips, features(media, torch.cat([c[0] for c in clips]), grid)):
             for e in owners:
                 e.features, e.pixels = feats, None
 
