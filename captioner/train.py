@@ -313,6 +313,29 @@ def read_state(out: str | Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+# what a run is: resuming with any of these changed would mix two runs in one checkpoint
+RUN_FIELDS = ("stage", "model", "shards", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup",
+              "weight_decay", "frames", "max_samples", "seed", "lora", "lora_rank", "temporal_adapter")
+
+
+def config_changes(state: dict, cfg: TrainConfig, fields: tuple[str, ...] = RUN_FIELDS) -> list[str]:
+    """``name: saved -> asked`` for each of ``fields`` where ``cfg`` differs from the checkpoint's config."""
+    saved, asked = state.get("config", {}), asdict(cfg)
+    return [f"{k}: {saved.get(k)!r} -> {asked[k]!r}" for k in fields
+            if k in saved and _canonical(k, saved[k]) != _canonical(k, asked[k])]
+
+
+def _canonical(name: str, value):
+    """A path or shard pattern as absolute paths, so a relative and an absolute spelling are the same run."""
+    import braceexpand
+
+    if name == "model" and Path(value).is_dir():
+        return os.path.realpath(value)
+    if name == "shards":
+        return sorted(u if "://" in u else os.path.abspath(u) for u in braceexpand.braceexpand(str(value)))
+    return value
+
+
 def save_checkpoint(model, processor, optimizer, cfg: TrainConfig, step: int, out: Path, report: dict) -> None:
     """Writes the checkpoint next to the old one, then swaps it in; trainer_state.json is written last."""
     tmp = out.with_name(out.name + ".partial")
@@ -358,6 +381,9 @@ def train(cfg: TrainConfig, progress: bool = True,
 
     out = Path(cfg.out)
     state = read_state(out) if cfg.resume else None
+    if state and (changed := config_changes(state, cfg)):
+        raise ValueError(f"--resume: {out} holds another run ({'; '.join(changed)}); resume it with its own "
+                         "settings or write to a fresh --out")
     if state and state.get("finished") and state["step"] >= cfg.steps:
         return {"step": state["step"], "resumed": True, "skipped": "already finished"}
     source = str(out) if state else cfg.model

@@ -155,6 +155,8 @@ def test_lm_stage_learns_and_resumes_exactly(tiny_dir, toy, tmp_path):
     assert seen == [(8, 8), (16, 16), (24, 24)]
     cut = train(TrainConfig(out=str(tmp_path / "b"), stop_at=10, **kw), progress=False)
     assert cut.get("stopped") and cut["step"] == 10
+    with pytest.raises(ValueError, match=r"holds another run \(lr: 0\.003 -> 0\.001\)"):
+        train(TrainConfig(out=str(tmp_path / "b"), resume=True, **{**kw, "lr": 1e-3}), progress=False)
     resumed = train(TrainConfig(out=str(tmp_path / "b"), resume=True, **kw), progress=False)
     assert resumed["step"] == 24
     a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
