@@ -91,7 +91,7 @@ def _set_threads(args: argparse.Namespace) -> None:
 
 def _pretrain_toy(args: argparse.Namespace) -> int:
     from captioner.tiny import build_tiny
-    from captioner.train import read_state, train
+    from captioner.train import train
 
     _set_threads(args)
     out = Path(args.out)
@@ -103,9 +103,7 @@ def _pretrain_toy(args: argparse.Namespace) -> int:
     lm_dir = str(out / "lm")
     for stage, src, dst in (("lm", model, lm_dir), ("image", lm_dir, str(out))):
         cfg = _config(args, stage, src, dst)
-        state = read_state(dst)
-        if state and state.get("finished") and state["config"]["stage"] == stage and not args.resume:
-            print(f"{stage}: {dst} is already trained ({state['step']} steps); --resume to extend it")
+        if _already_trained(cfg, args.resume):
             continue
         summary = train(cfg, progress=not args.quiet)
         print(f"{stage}: {summary['step']} steps, loss {summary.get('loss', float('nan')):.3f} -> {dst}")
@@ -113,15 +111,28 @@ def _pretrain_toy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _already_trained(cfg, resume: bool) -> bool:
+    """True where cfg.out holds this very run, finished (a re-run skips it); an error where it holds another."""
+    from captioner.train import config_changes, read_state
+
+    state = read_state(cfg.out)
+    if not state or not state.get("finished") or state["config"]["stage"] != cfg.stage or resume:
+        return False
+    if changed := config_changes(state, cfg):
+        raise ValueError(f"{cfg.stage}: {cfg.out} holds a finished run with other settings ({'; '.join(changed)}); "
+                         "write to a fresh --out")
+    print(f"{cfg.stage}: {cfg.out} is already trained ({state['step']} steps); --resume to extend it")
+    return True
+
+
 def _adapt(args: argparse.Namespace) -> int:
-    from captioner.train import read_state, train
+    from captioner.train import train
 
     _set_threads(args)
-    state = read_state(args.out)
-    if state and state.get("finished") and state["config"]["stage"] == args.stage and not args.resume:
-        print(f"{args.stage}: {args.out} is already trained ({state['step']} steps); --resume to extend it")
+    cfg = _config(args, args.stage, args.model, args.out)
+    if _already_trained(cfg, args.resume):
         return 0
-    summary = train(_config(args, args.stage, args.model, args.out), progress=not args.quiet)
+    summary = train(cfg, progress=not args.quiet)
     print(f"{args.stage} adaptation: {summary['step']} steps, loss {summary.get('loss', float('nan')):.3f} "
           f"-> {args.out}")
     return 0

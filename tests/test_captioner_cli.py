@@ -24,6 +24,9 @@ def test_chain_of_commands_runs_and_reruns_reuse_finished_steps(tmp_path, capsys
     assert main(["adapt", "--stage", "language", "--model", str(tmp_path / "s1"), "--shards",
                  str(toy / "adapt-*.tar"), "--out", str(tmp_path / "s2"), *few]) == 0
     assert "already trained" in capsys.readouterr().out
+    assert main(["adapt", "--stage", "language", "--model", str(tmp_path / "s1"), "--shards",  # not another run
+                 str(toy / "adapt-*.tar"), "--out", str(tmp_path / "s2"), *few, "--lr", "5e-3"]) == 2
+    assert "holds a finished run with other settings (lr: 0.002 -> 0.005)" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "s2"), "--shards", str(toy / "test-*.tar"), "--n", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("gt: the ") == 3
