@@ -127,12 +127,12 @@ def main(argv=None) -> int:
     comp = load_eval_clips(str(data / "compositional-*.tar"), frames=frames, limit=args.eval_n)
     result: dict = {"benchmark": "captioner_toy", "command": "python bench/captioner_toy.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "preset": args.preset, "preset_config": preset,
-        "data": {**splits, "adapt_two_event": two_event,
-                                     "two_event_stages": ["visual", "language"] if args.two_event_visual else
-                                     ["language"] if two_event else []},
-        "eval_clips": len(test[0]), "machine": {"platform": platform.platform(), "cpus": 2,
-                                                 "torch_threads": args.threads},
-        "model": {"config": args.config, "width": args.width, "layers": args.layers}, "curves": {}, "stages": {}}
+        "data": {**splits, "adapt_two_event": two_event, "two_event_stages": (
+            ["visual", "language"] if args.two_event_visual else ["language"] if two_event else [])},
+        "eval_clips": len(test[0]),
+        "machine": {"platform": platform.platform(), "cpus": 2, "torch_threads": args.threads},
+        "model": {"config": args.config, "width": args.width, "layers": args.layers}, "curves": {}, "stages": {},
+        "reused_stages": []}
     cpu0 = cpu_minutes()
     eval_cpu = [0.0]  # CPU minutes spent evaluating learning-curve points, left out of the training minutes
     eval_wall = [0.0]  # and their wall seconds
@@ -146,7 +146,9 @@ def main(argv=None) -> int:
         if state and (changed := config_changes(state, cfg, RUN_FIELDS + ("steps",))):
             raise SystemExit(f"{out} holds another run than this one asks ({'; '.join(changed)}): "
                              "pass another --work or delete it")
-        if state and state.get("finished"):
+        if state and state.get("finished"):  # its minutes are not in this run's: the result says so
+            result["reused_stages"].append(stage)
+            print(f"{stage}: reusing the finished run in {out}; its CPU minutes are not counted", flush=True)
             return
 
         def evaluate(step: int, ckpt: Path) -> None:  # a learning-curve point, in the middle of the run
