@@ -137,15 +137,33 @@ def main(argv=None) -> int:
     eval_cpu = [0.0]  # CPU minutes spent evaluating learning-curve points, left out of the training minutes
     eval_wall = [0.0]  # and their wall seconds
 
-    def run(stage: str, model: str, shards: str, out: Path, segments: int, curve: list | None) -> None:
+    chain = {  # stage: (starting checkpoint, shards, checkpoint written, learning-curve points)
+        "lm": (work / "init", data / "pretrain-*.tar", work / "base" / "lm", 1),
+        "image": (work / "base" / "lm", data / "pretrain-*.tar", work / "base", 1),
+        "visual": (work / "base", adapt, work / "stage1", args.segments),
+        "language": (work / "stage1", language_adapt, work / "stage2", args.segments)}
+
+    def config(stage: str) -> TrainConfig:
+        model, shards, out, segments = chain[stage]
         kw = dict(preset[stage])
         steps = kw.pop("steps")
-        state = read_state(out)
-        cfg = TrainConfig(stage=stage, model=model, shards=shards, out=str(out), steps=steps,
-                          save_every=-(-steps // segments) if segments > 1 else 0, resume=state is not None, **kw)
+        return TrainConfig(stage=stage, model=str(model), shards=str(shards), out=str(out), steps=steps,
+                           save_every=-(-steps // segments) if segments > 1 else 0,
+                           resume=read_state(out) is not None, **kw)
+
+    def check(stage: str) -> None:  # a work dir holding another run would mix two runs in one result
+        state, cfg = read_state(chain[stage][2]), config(stage)
         if state and (changed := config_changes(state, cfg, RUN_FIELDS + ("steps",))):
-            raise SystemExit(f"{out} holds another run than this one asks ({'; '.join(changed)}): "
-                             "pass another --work or delete it")
+            raise SystemExit(f"{cfg.out} holds a run with other settings than this one ({'; '.join(changed)}): "
+                             "pass another --work, or delete that directory and those of the stages after it")
+
+    for stage in chain:  # before any training: a refusal should not come after an hour of it
+        check(stage)
+
+    def run(stage: str, curve: list | None) -> None:
+        check(stage)  # again: the stage before may have been trained since
+        cfg, out = config(stage), chain[stage][2]
+        state = read_state(out)
         if state and state.get("finished"):  # its minutes are not in this run's: the result says so
             result["reused_stages"].append(stage)
             print(f"{stage}: reusing the finished run in {out}; its CPU minutes are not counted", flush=True)
@@ -168,22 +186,19 @@ def main(argv=None) -> int:
         t0, w_eval = time.perf_counter(), eval_wall[0]
         summary = train(cfg, progress=False, on_checkpoint=evaluate)
         wall = time.perf_counter() - t0 - (eval_wall[0] - w_eval)  # curve evaluation left out
-        result["stages"][stage] = {"steps": steps, "wall_s": round(wall, 1),
+        result["stages"][stage] = {"steps": cfg.steps, "wall_s": round(wall, 1),
                                    "loss": summary.get("loss"), "examples": summary.get("examples")}
 
     init = work / "init"
     if not (init / "config.json").exists():
         build_tiny(init, vocab_from=str(data / "pretrain-*.tar"), name=args.config, width=args.width,
                    layers=args.layers)
-    run("lm", str(init), str(data / "pretrain-*.tar"), work / "base" / "lm", 1, None)
-    run("image", str(work / "base" / "lm"), str(data / "pretrain-*.tar"), work / "base", 1, None)
+    run("lm", None)
+    run("image", None)
     result["base_cpu_min"] = round(cpu_minutes() - cpu0 - eval_cpu[0], 2)
-    result["curves"]["visual"] = []
-    run("visual", str(work / "base"), adapt, work / "stage1", args.segments,
-        result["curves"]["visual"])
-    result["curves"]["language"] = []
-    run("language", str(work / "stage1"), language_adapt, work / "stage2", args.segments,
-        result["curves"]["language"])
+    for stage in ("visual", "language"):
+        result["curves"][stage] = []
+        run(stage, result["curves"][stage])
     result["chain_cpu_min"] = round(cpu_minutes() - cpu0 - eval_cpu[0], 2)  # training only (data prep included)
     result["curve_eval_cpu_min"] = round(eval_cpu[0], 2)
     result["chain_wall_min"] = round((time.perf_counter() - t_wall) / 60, 2)

@@ -117,11 +117,11 @@ def _already_trained(cfg, resume: bool) -> bool:
     from captioner.train import config_changes, read_state
 
     state = read_state(cfg.out)
-    if not state or not state.get("finished") or state["config"]["stage"] != cfg.stage or resume:
+    if not state or not state.get("finished") or resume:
         return False
-    if changed := config_changes(state, cfg):
+    if changed := config_changes(state, cfg):  # a finished checkpoint is not overwritten by another run
         raise ValueError(f"{cfg.stage}: {cfg.out} holds a finished run with other settings ({'; '.join(changed)}); "
-                         "write to a fresh --out")
+                         "re-run with its settings or write to a fresh --out")
     print(f"{cfg.stage}: {cfg.out} is already trained ({state['step']} steps); --resume to extend it")
     return True
 

@@ -23,6 +23,7 @@ config, step; written last: the commit marker) and ``optimizer.pt``;
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -319,24 +320,52 @@ RUN_FIELDS = ("stage", "model", "shards", "batch_size", "grad_accum", "lr", "min
 
 
 def config_changes(state: dict, cfg: TrainConfig, fields: tuple[str, ...] = RUN_FIELDS) -> list[str]:
-    """``name: saved -> asked`` for each of ``fields`` where ``cfg`` differs from the checkpoint's config."""
+    """``name: saved -> asked`` for each of ``fields`` where ``cfg`` differs from the checkpoint's config.
+
+    Paths compare by what they name: a saved relative path is read from the directory the run was started in
+    (``cwd`` in trainer_state.json). Fields a stage does not use (frames before the video stages, the LoRA
+    rank without LoRA) are not compared.
+    """
     saved, asked = state.get("config", {}), asdict(cfg)
-    return [f"{k}: {saved.get(k)!r} -> {asked[k]!r}" for k in fields
-            if k in saved and _canonical(k, saved[k]) != _canonical(k, asked[k])]
+    skip = {"frames"} if cfg.stage in ("lm", "image") else set()
+    if not cfg.lora and not saved.get("lora"):
+        skip.add("lora_rank")
+    base = state.get("cwd", os.getcwd())
+    changes = [f"{k}: {saved.get(k)!r} -> {asked[k]!r}" for k in fields
+               if k in saved and k not in skip and _canonical(k, saved[k], base) != _canonical(k, asked[k])]
+    if "model" in fields and not any(c.startswith("model:") for c in changes):
+        then, now = state.get("source"), checkpoint_id(cfg.model)
+        if then and now and then != now:
+            changes.append(f"model: {cfg.model} has been trained further or again since this run started from it")
+    return changes
 
 
-def _canonical(name: str, value):
-    """A path or shard pattern as absolute paths, so a relative and an absolute spelling are the same run."""
+def checkpoint_id(path: str) -> str | None:
+    """A digest of a checkpoint's trainer_state.json (its run and step); None for one this trainer did not write."""
+    state = Path(path) / "trainer_state.json"
+    return hashlib.sha256(state.read_bytes()).hexdigest()[:16] if state.is_file() else None
+
+
+def _canonical(name: str, value, base: str | None = None):
+    """A local path or shard pattern as real absolute paths (relative to ``base``, else the working directory),
+    in the pattern's order (it is the data order); URLs and hub ids as they are."""
     import braceexpand
 
-    if name == "model" and Path(value).is_dir():
-        return os.path.realpath(value)
+    def real(path: str) -> str:
+        if "://" in path and not path.startswith("file://"):
+            return path
+        path = path.removeprefix("file://")
+        return os.path.realpath(os.path.join(base or os.getcwd(), path))
+
+    if name == "model" and Path(base or ".", value).is_dir():
+        return real(value)
     if name == "shards":
-        return sorted(u if "://" in u else os.path.abspath(u) for u in braceexpand.braceexpand(str(value)))
+        return [real(u) for u in braceexpand.braceexpand(str(value))]
     return value
 
 
-def save_checkpoint(model, processor, optimizer, cfg: TrainConfig, step: int, out: Path, report: dict) -> None:
+def save_checkpoint(model, processor, optimizer, cfg: TrainConfig, step: int, out: Path, report: dict,
+                    source: str | None = None) -> None:
     """Writes the checkpoint next to the old one, then swaps it in; trainer_state.json is written last."""
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -355,7 +384,9 @@ def save_checkpoint(model, processor, optimizer, cfg: TrainConfig, step: int, ou
     for f in tmp.iterdir():
         os.replace(f, out / f.name)
     tmp.rmdir()
-    state = {"step": step, "config": asdict(cfg), "data": report, "finished": step >= cfg.steps}
+    state = {"step": step, "config": asdict(cfg), "cwd": os.getcwd(),  # relative paths in the config are from here
+             "source": source,  # checkpoint_id of cfg.model when the run started: a retrained source is noticed
+             "data": report, "finished": step >= cfg.steps}
     state["config"].pop("stop_at")  # how a run was cut is not part of what it is
     (out / "trainer_state.json.tmp").write_text(json.dumps(state, indent=2) + "\n")
     os.replace(out / "trainer_state.json.tmp", out / "trainer_state.json")
@@ -387,6 +418,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     if state and state.get("finished") and state["step"] >= cfg.steps:
         return {"step": state["step"], "resumed": True, "skipped": "already finished"}
     source = str(out) if state else cfg.model
+    source_id = state.get("source") if state else checkpoint_id(cfg.model)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -457,17 +489,17 @@ def train(cfg: TrainConfig, progress: bool = True,
                 f.write(json.dumps({"stage": cfg.stage, "step": step + 1, "loss": round(last_loss, 5),
                                     "lr": _lr_at(step, cfg), "elapsed_s": round(elapsed, 2)}) + "\n")
         if cfg.stop_at and step + 1 == cfg.stop_at and step + 1 < cfg.steps:
-            save_checkpoint(model, processor, optimizer, cfg, step + 1, out, report)
+            save_checkpoint(model, processor, optimizer, cfg, step + 1, out, report, source_id)
             bar.close()
             return {"step": step + 1, "loss": last_loss, "stopped": True, **report}
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            save_checkpoint(model, processor, optimizer, cfg, step + 1, out, report)
+            save_checkpoint(model, processor, optimizer, cfg, step + 1, out, report, source_id)
             if on_checkpoint:
                 h0 = time.perf_counter()
                 on_checkpoint(step + 1, out)
                 t0 += time.perf_counter() - h0  # the hook's time is not training time
     bar.close()
-    save_checkpoint(model, processor, optimizer, cfg, cfg.steps, out, report)
+    save_checkpoint(model, processor, optimizer, cfg, cfg.steps, out, report, source_id)
     if on_checkpoint:
         on_checkpoint(cfg.steps, out)
     return {"step": cfg.steps, "loss": last_loss, "seconds": round(time.perf_counter() - t0, 1), **report}

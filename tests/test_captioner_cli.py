@@ -27,6 +27,15 @@ def test_chain_of_commands_runs_and_reruns_reuse_finished_steps(tmp_path, capsys
     assert main(["adapt", "--stage", "language", "--model", str(tmp_path / "s1"), "--shards",  # not another run
                  str(toy / "adapt-*.tar"), "--out", str(tmp_path / "s2"), *few, "--lr", "5e-3"]) == 2
     assert "holds a finished run with other settings (lr: 0.002 -> 0.005)" in capsys.readouterr().err
+    assert main(["adapt", "--stage", "language", "--model", str(tmp_path / "s1"), "--shards",  # nor another stage
+                 str(toy / "adapt-*.tar"), "--out", str(tmp_path / "s1"), *few]) == 2
+    assert "stage: 'visual' -> 'language'" in capsys.readouterr().err
+    visual = ["adapt", "--stage", "visual", "--model", str(tmp_path / "base"), "--shards", str(toy / "adapt-*.tar"),
+              "--out", str(tmp_path / "s1"), "--frames", "4", *few]
+    assert main([*visual, "--resume", "--steps", "5"]) == 0  # stage 1 trained further: stage 2 is out of date
+    assert main(["adapt", "--stage", "language", "--model", str(tmp_path / "s1"), "--shards",
+                 str(toy / "adapt-*.tar"), "--out", str(tmp_path / "s2"), *few]) == 2
+    assert "has been trained further or again since this run started from it" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "s2"), "--shards", str(toy / "test-*.tar"), "--n", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("gt: the ") == 3
