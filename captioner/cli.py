@@ -20,9 +20,10 @@ from captioner import __version__
 
 PRESETS: dict[str, dict[str, dict]] = {
     # per stage: TrainConfig overrides. 'quick' is the demo's default (the chain in about 10 CPU-minutes);
-    # 'full' about 58 (image stage 16000 steps: the base names shapes 0.87 of the time, not 0.75 at 8000;
-    # language 32000 on precomputed visual tokens, its data with 2000 extra two-event clips: action 0.90,
-    # exact 0.785). Measured in bench/results/captioner_toy*.json (bench/captioner_toy.py makes the data).
+    # 'full' about 58: image stage 16000 steps (the base names shapes 0.87 of the time, not 0.75 at 8000),
+    # language 32000 on precomputed visual tokens, its data with 2000 extra two-event clips: action 0.870 to
+    # 0.904 over three seeds, exact 0.74 to 0.785. Measured in bench/results/captioner_toy*.json
+    # (bench/captioner_toy.py makes the data).
     "quick": {"lm": {"steps": 600, "lr": 2e-3}, "image": {"steps": 4000, "lr": 1e-3},
               "visual": {"steps": 1500, "lr": 2e-3, "frames": 4, "temporal_adapter": True},
               "language": {"steps": 2500, "lr": 2e-3, "frames": 4}},
