@@ -143,27 +143,26 @@ def main(argv=None) -> int:
         "visual": (work / "base", adapt, work / "stage1", args.segments),
         "language": (work / "stage1", language_adapt, work / "stage2", args.segments)}
 
-    def config(stage: str) -> TrainConfig:
+    def checked(stage: str) -> tuple[TrainConfig, dict | None]:
+        """The stage's config and the state its checkpoint directory holds, refused if that is another run
+        (it would mix two runs in one result)."""
         model, shards, out, segments = chain[stage]
         kw = dict(preset[stage])
         steps = kw.pop("steps")
-        return TrainConfig(stage=stage, model=str(model), shards=str(shards), out=str(out), steps=steps,
-                           save_every=-(-steps // segments) if segments > 1 else 0,
-                           resume=read_state(out) is not None, **kw)
-
-    def check(stage: str) -> None:  # a work dir holding another run would mix two runs in one result
-        state, cfg = read_state(chain[stage][2]), config(stage)
+        state = read_state(out)
+        cfg = TrainConfig(stage=stage, model=str(model), shards=str(shards), out=str(out), steps=steps,
+                          save_every=-(-steps // segments) if segments > 1 else 0, resume=state is not None, **kw)
         if state and (changed := config_changes(state, cfg, RUN_FIELDS + ("steps",))):
-            raise SystemExit(f"{cfg.out} holds a run with other settings than this one ({'; '.join(changed)}): "
+            raise SystemExit(f"{out} holds a run with other settings than this one ({'; '.join(changed)}): "
                              "pass another --work, or delete that directory and those of the stages after it")
+        return cfg, state
 
     for stage in chain:  # before any training: a refusal should not come after an hour of it
-        check(stage)
+        checked(stage)
 
     def run(stage: str, curve: list | None) -> None:
-        check(stage)  # again: the stage before may have been trained since
-        cfg, out = config(stage), chain[stage][2]
-        state = read_state(out)
+        cfg, state = checked(stage)  # again: the stage before may have been trained since
+        out = chain[stage][2]
         if state and state.get("finished"):  # its minutes are not in this run's: the result says so
             result["reused_stages"].append(stage)
             print(f"{stage}: reusing the finished run in {out}; its CPU minutes are not counted", flush=True)
