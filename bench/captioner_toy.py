@@ -10,7 +10,9 @@ split for (a) the base image model captioning the middle frame, (b) after stage 
 adaptation), (c) after stages 1 + 2 (language adaptation), also on the `compositional` split,
 and learning curves (accuracy at checkpoints written during each adaptation stage, against
 cumulative CPU minutes of this process, which runs everything in-process; the evaluations'
-own time is left out).
+own time is left out). A stage the work directory already holds finished is reused: its
+minutes, wall time and curve are those recorded in its `bench_stage.json` when this bench
+trained it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ SPLITS = {  # clips per split: the quick preset uses the demo's data; the full p
 # alone, the full preset's captioner stopped after the first event (two-event clips: action 0.42, exact 0.07).
 # Added to the visual stage as well they cost one-event accuracy (README, experiments).
 TWO_EVENT = {"quick": 0, "full": 2000}
+STAGE_RECORD = "bench_stage.json"  # in a stage's checkpoint directory: its CPU minutes, wall time and curve
 KEYS = ("object", "colour", "action", "direction_within_axis", "event_order", "exact", "parse_rate")
 
 
@@ -136,6 +139,11 @@ def main(argv=None) -> int:
     cpu0 = cpu_minutes()
     eval_cpu = [0.0]  # CPU minutes spent evaluating learning-curve points, left out of the training minutes
     eval_wall = [0.0]  # and their wall seconds
+    reused_cpu = [0.0]  # training CPU minutes that reused stages recorded when they were trained
+
+    def train_cpu() -> float:
+        """Training CPU minutes of the chain so far: this process's (evaluations left out) and reused stages'."""
+        return cpu_minutes() - cpu0 - eval_cpu[0] + reused_cpu[0]
 
     chain = {  # stage: (starting checkpoint, shards, checkpoint written, learning-curve points)
         "lm": (work / "init", data / "pretrain-*.tar", work / "base" / "lm", 1),
@@ -163,30 +171,52 @@ def main(argv=None) -> int:
     def run(stage: str, curve: list | None) -> None:
         cfg, state = checked(stage)  # again: the stage before may have been trained since
         out = chain[stage][2]
-        if state and state.get("finished"):  # its minutes are not in this run's: the result says so
+        record = out / STAGE_RECORD  # what this bench measured while it trained the stage
+        start = train_cpu()
+        if state and state.get("finished"):
+            saved = json.loads(record.read_text()) if record.is_file() else None
+            if saved is None or saved.get("step") != state.get("step"):
+                result["reused_stages"].append(stage)
+                result.setdefault("uncounted_stages", []).append(stage)
+                print(f"{stage}: reusing the finished run in {out}, which has no {STAGE_RECORD} of its "
+                      "training: its CPU minutes are not counted", flush=True)
+                return
             result["reused_stages"].append(stage)
-            print(f"{stage}: reusing the finished run in {out}; its CPU minutes are not counted", flush=True)
+            reused_cpu[0] += saved["cpu_min"]
+            result["stages"][stage] = saved["stage"]
+            if curve is not None:
+                curve.extend({**p, "cpu_min": round(start + p["cpu_min"], 2)} for p in saved["curve"])
+            print(f"{stage}: reusing the finished run in {out} ({saved['cpu_min']} CPU-minutes when trained)",
+                  flush=True)
             return
+        if state:
+            result.setdefault("resumed_stages", []).append(stage)  # its minutes before the resume are not known
+        points: list[dict] = []  # learning-curve points, CPU minutes from the stage's start
 
         def evaluate(step: int, ckpt: Path) -> None:  # a learning-curve point, in the middle of the run
             if curve is None:
                 return
-            cpu_train = cpu_minutes() - cpu0 - eval_cpu[0]  # evaluation time is not training time
+            cpu_train = train_cpu()  # evaluation time is not training time
             e0, w0 = cpu_minutes(), time.perf_counter()
             cap = load_captioner(str(ckpt))
             m = evaluate_toy(cap, None, mode="video", clips=test)["metrics"]
             fc = forced_choice_toy(cap, *test)
             eval_cpu[0] += cpu_minutes() - e0
             eval_wall[0] += time.perf_counter() - w0
-            curve.append({"step": step, "cpu_min": round(cpu_train, 2), **short(m),
-                          **{f"fc_{k}": (None if fc[k] is None else round(fc[k], 4)) for k in ("direction", "order")}})
-            print(stage, step, curve[-1], flush=True)
+            point = {"step": step, "cpu_min": round(cpu_train, 2), **short(m),
+                     **{f"fc_{k}": (None if fc[k] is None else round(fc[k], 4)) for k in ("direction", "order")}}
+            curve.append(point)
+            points.append({**point, "cpu_min": round(cpu_train - start, 2)})
+            print(stage, step, point, flush=True)
 
         t0, w_eval = time.perf_counter(), eval_wall[0]
         summary = train(cfg, progress=False, on_checkpoint=evaluate)
         wall = time.perf_counter() - t0 - (eval_wall[0] - w_eval)  # curve evaluation left out
         result["stages"][stage] = {"steps": cfg.steps, "wall_s": round(wall, 1),
                                    "loss": summary.get("loss"), "examples": summary.get("examples")}
+        if not state:  # a resumed stage's record would miss its minutes before the resume
+            record.write_text(json.dumps({"step": cfg.steps, "cpu_min": round(train_cpu() - start, 2),
+                                          "stage": result["stages"][stage], "curve": points}, indent=1) + "\n")
 
     init = work / "init"
     if not (init / "config.json").exists():
@@ -194,11 +224,11 @@ def main(argv=None) -> int:
                    layers=args.layers)
     run("lm", None)
     run("image", None)
-    result["base_cpu_min"] = round(cpu_minutes() - cpu0 - eval_cpu[0], 2)
+    result["base_cpu_min"] = round(train_cpu(), 2)
     for stage in ("visual", "language"):
         result["curves"][stage] = []
         run(stage, result["curves"][stage])
-    result["chain_cpu_min"] = round(cpu_minutes() - cpu0 - eval_cpu[0], 2)  # training only (data prep included)
+    result["chain_cpu_min"] = round(train_cpu(), 2)  # training only: data generation and evaluations left out
     result["curve_eval_cpu_min"] = round(eval_cpu[0], 2)
     result["chain_wall_min"] = round((time.perf_counter() - t_wall) / 60, 2)
 
