@@ -41,6 +41,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--warmup", type=int, default=20, help="warm-up steps")
+    p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: the preset's, else 0)")
     p.add_argument("--frames", type=int, help="frames per clip (uniformly sampled)")
     p.add_argument("--temporal-adapter", action=argparse.BooleanOptionalAction, default=None,
                    help="visual stage: add a space-time adapter on the video tokens (captioner/adapter.py); the "
@@ -63,7 +64,7 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
     from captioner.train import TrainConfig
 
     kw = dict(PRESETS[args.preset][stage])
-    for name in ("steps", "lr", "frames", "temporal_adapter"):
+    for name in ("steps", "lr", "frames", "temporal_adapter", "weight_decay"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     if stage != "visual":

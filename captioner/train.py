@@ -433,7 +433,11 @@ def train(cfg: TrainConfig, progress: bool = True,
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"stage {cfg.stage!r} leaves no trainable parameter in {source}")
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups: list = params
+    if cfg.weight_decay:  # matrices decay; norms and biases do not (one group without decay: older checkpoints)
+        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)  # torch defaults to 0.01
     start = 0
     if state:
         blob = torch.load(out / "optimizer.pt", weights_only=False)

@@ -165,6 +165,26 @@ def test_lm_stage_learns_and_resumes_exactly(tiny_dir, toy, tmp_path):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
 
 
+def test_weight_decay_shrinks_matrices_not_norms_and_resumes_exactly(tiny_dir, toy, tmp_path):
+    from captioner.train import TrainConfig, train
+
+    # decoupled decay: each step multiplies a matrix by (1 - lr * wd) = 0.9; a gradient step moves it ~lr
+    kw = dict(stage="lm", model=str(tiny_dir), shards=str(toy / "pretrain-*.tar"), steps=4, batch_size=4,
+              lr=1e-3, warmup=1, weight_decay=100.0)
+    train(TrainConfig(out=str(tmp_path / "a"), **kw), progress=False)
+    train(TrainConfig(out=str(tmp_path / "b"), stop_at=2, **kw), progress=False)
+    train(TrainConfig(out=str(tmp_path / "b"), resume=True, **kw), progress=False)
+    before, a, b = _params(tiny_dir), _params(tmp_path / "a"), _params(tmp_path / "b")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    lm = [k for k in before if ".visual." not in f".{k}"]
+    norms = [k for k in lm if "norm" in k]
+    matrices = [k for k in lm if before[k].ndim == 2 and not torch.equal(before[k], a[k])]
+    assert norms and matrices
+    assert all((a[k] - before[k]).abs().max() < 1e-2 for k in norms)
+    assert all(a[k].norm() < 0.8 * before[k].norm() for k in matrices), [
+        (k, float(a[k].norm() / before[k].norm())) for k in matrices if a[k].norm() >= 0.8 * before[k].norm()]
+
+
 @pytest.mark.parametrize("stage,moves", [("visual", "visual."), ("language", "layers.0.mlp")])
 def test_adaptation_stages_freeze_the_other_side(tiny_dir, toy, tmp_path, stage, moves):
     from captioner.train import TrainConfig, train
