@@ -13,18 +13,13 @@ examples both ways and times full optimizer steps (forward, backward, AdamW) on 
 batch of 16, ``--repeats`` rounds in which the two ways take turns, so load from elsewhere
 hits both alike. It records the median ms per step of each, their ratio, the loss of the
 first step each way (they must agree), the bytes a prepared clip keeps (pixels vs visual
-tokens) and the one-off cost of precomputing, per clip. Then it prepares ``--memory-clips``
-clips for the language stage and records the resident memory they leave behind, per clip,
-with `captioner.train.release_freed_memory` trimming the heap as it goes and without (glibc
-keeps freed pages that live tensors pin; Linux only, from /proc/self/statm).
+tokens) and the one-off cost of precomputing, per clip.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import platform
 import statistics
 import sys
@@ -38,11 +33,6 @@ sys.path.insert(0, str(ROOT))
 import captioner  # noqa: E402,F401  - arms the torchvision compatibility fix first
 
 
-def _resident_mb() -> float:
-    """This process's resident set, in MB (Linux)."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=20, help="timed steps per way per round")
@@ -50,7 +40,6 @@ def main(argv=None) -> int:
     ap.add_argument("--frames", type=int, default=4)
     ap.add_argument("--config", default="qwen2-vl-tiny")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--memory-clips", type=int, default=1024, help="clips prepared for the memory measurement")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "captioner_step.json"))
     args = ap.parse_args(argv)
 
@@ -59,7 +48,6 @@ def main(argv=None) -> int:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from captioner.adapter import attach_adapter
-    import captioner.train as train_module
     from captioner.tiny import build_tiny
     from captioner.train import TrainConfig, _to, apply_freezing, build_examples, collate, frozen_features
     from engine.synth import SynthConfig, synth
@@ -111,24 +99,6 @@ def main(argv=None) -> int:
             for way in (list(batches) if r % 2 == 0 else list(batches)[::-1]):
                 times[way].append(run(way, args.steps))
         ms = {w: statistics.median(t) for w, t in times.items()}
-        resident = {}
-        if args.memory_clips:
-            mem = Path(tmp) / "mem"
-            synth(SynthConfig(split="adapt", n=args.memory_clips, seed=1), mem, progress=False)
-            mem_cfg = TrainConfig(stage="language", model=str(tiny), shards=str(mem / "adapt-*.tar"), out=tmp,
-                                  frames=args.frames)
-            trim = train_module.release_freed_memory
-            for way in ("trimmed", "untrimmed"):
-                train_module.release_freed_memory = trim if way == "trimmed" else (lambda: None)
-                gc.collect()
-                trim()
-                r0 = _resident_mb()
-                kept, mem_report = build_examples(mem_cfg, processor, progress=False,
-                                                  features=frozen_features(model, "cpu"))
-                gc.collect()
-                resident[way] = round((_resident_mb() - r0) * 1024 / mem_report["samples"], 1)
-                del kept
-            train_module.release_freed_memory = trim
         clip_bytes = {"pixels": plain[0].pixels.numel() * plain[0].pixels.element_size(),
                       "visual_tokens": cached[0].features.numel() * cached[0].features.element_size()}
         result = {
@@ -141,9 +111,6 @@ def main(argv=None) -> int:
             "speedup": round(ms["per_step"] / ms["precomputed"], 3),
             "first_step_loss": first_loss,
             "bytes_per_clip": clip_bytes,
-            "resident_kb_per_prepared_clip": {**resident, "clips": args.memory_clips,
-                                              "visual_tokens_kb": round(cached[0].features.numel()
-                                                                        * cached[0].features.element_size() / 1024, 1)},
             "prepare_s_per_clip": {"per_step": round(prep_plain / report["samples"], 4),
                                    "precomputed": round(prep_cached / report["samples"], 4)},
             "machine": {"platform": platform.platform(), "torch": torch.__version__,
@@ -153,8 +120,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"the two ways disagree on the loss: {first_loss}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("ms_per_step", "speedup", "first_step_loss", "bytes_per_clip",
-                                             "resident_kb_per_prepared_clip")}))
+    print(json.dumps({k: result[k] for k in ("ms_per_step", "speedup", "first_step_loss", "bytes_per_clip")}))
     return 0
 
 
