@@ -190,14 +190,13 @@ def main(argv=None) -> int:
         record = out / STAGE_RECORD  # what this bench measured while it trained the stage
         start = train_cpu()
         if state and state.get("finished"):
+            result["reused_stages"].append(stage)
             saved = json.loads(record.read_text()) if record.is_file() else None
             if saved is None or saved.get("step") != state.get("step"):
-                result["reused_stages"].append(stage)
                 result.setdefault("uncounted_stages", []).append(stage)
                 print(f"{stage}: reusing the finished run in {out}, which has no {STAGE_RECORD} of its "
                       "training: its CPU minutes are not counted", flush=True)
                 return
-            result["reused_stages"].append(stage)
             reused_cpu[0] += saved["cpu_min"]
             reused_wall[0] += saved["stage"]["wall_s"]
             result["stages"][stage] = saved["stage"]
@@ -251,10 +250,17 @@ def main(argv=None) -> int:
     result["chain_wall_min"] = round((time.perf_counter() - t_wall + reused_wall[0]) / 60, 2)
 
     evals = {}
+    caps: dict[Path, object] = {}  # each checkpoint loaded once
+
+    def captioner_at(model: Path):
+        if model not in caps:
+            caps[model] = load_captioner(str(model))
+        return caps[model]
+
     for name, model, mode in (("a_base_middle_frame", work / "base", "middle-frame"),
                               ("b_stage1", work / "stage1", "video"), ("c_stage1_2", work / "stage2", "video"),
                               ("c_stage1_2_middle_frame", work / "stage2", "middle-frame")):
-        cap = load_captioner(str(model))
+        cap = captioner_at(model)
         r = evaluate_toy(cap, None, mode=mode, clips=test)
         evals[name] = {"test": short(r["metrics"]), "forced_choice_test": forced_choice_toy(cap, *test, mode=mode),
                        "examples": r["examples"][:6]}
@@ -268,7 +274,7 @@ def main(argv=None) -> int:
     if large:
         large_dir = Path(args.work) / f"toy-test{large}"
         synth(SynthConfig(split="test", n=large, seed=0), large_dir, progress=False)
-        r = evaluate_toy(load_captioner(str(work / "stage2")), None, mode="video",
+        r = evaluate_toy(captioner_at(work / "stage2"), None, mode="video",
                          clips=load_eval_clips(str(large_dir / "test-*.tar"), frames=frames))
         evals["c_stage1_2"]["test_large"] = {**short(r["metrics"]), "clips": len(r["examples"]),
                                              "events": r["metrics"]["n_events"]}

@@ -23,6 +23,7 @@ config, step; written last: the commit marker) and ``optimizer.pt``;
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -141,6 +142,17 @@ def _texts_for(stage: str, sample: dict) -> list[tuple[str | None, str, str]]:
     return [("video", qa["question"], qa["answer"]) for qa in read_json(sample, "qa.json") or []]
 
 
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None where there is no glibc."""
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 def release_freed_memory() -> None:
     """Hands freed heap pages back to the OS (glibc's ``malloc_trim``; a no-op elsewhere).
 
@@ -148,12 +160,8 @@ def release_freed_memory() -> None:
     small tensors that stay (token ids, visual tokens) pin the heap around the freed blocks: without a trim, the
     full preset's language stage kept ~7 GB resident for ~0.1 GB of examples.
     """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if trim := _malloc_trim():
+        trim(0)
 
 
 def build_examples(cfg: TrainConfig, processor, progress: bool = True,
