@@ -8,9 +8,19 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   ?= demo_out
 
-.PHONY: install test demo bench clean
+.PHONY: install browser test demo bench clean
 
 install: $(STAMP)
+
+# The report test renders report.html in headless Chromium (tests/test_report.py). Installed from Debian where
+# this runs as root with apt-get; elsewhere that one test skips and says why.
+browser:
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium (Debian) for the report rendering test"; \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	        chromium >/dev/null) || echo "make: could not install chromium: the report rendering test will skip" >&2; \
+	else echo "make: no chromium and no root apt-get: the report rendering test will skip" >&2; fi
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +29,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # pytest exits 5 when it collected no test: that is a failure here, not a pass.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
