@@ -2,7 +2,7 @@
 
 Usage: python bench/captioner_toy.py [--preset quick|full] [--work bench/work/captioner] [--eval-n 200]
            [--config qwen2-vl-tiny] [--frames N] [--steps STAGE=N ...] [--data SPLIT=N ...] [--two-event N]
-           [--two-event-visual] [--eval-large N]
+           [--two-event-visual] [--eval-large N] [--task-weight TYPE=N ...]
 
 Writes bench/results/captioner_toy[_full].json: per-attribute accuracy (object, colour, action,
 direction within its axis, event order, exact match; see captioner/toy_metrics.py) on the `test`
@@ -100,6 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--two-event-visual", action="store_true", help="add them to the visual stage too")
     ap.add_argument("--eval-large", type=int, metavar="N", help="also score the final model on N test clips "
                     "(default: the preset's, EVAL_LARGE; 0: no)")
+    ap.add_argument("--task-weight", action="append", default=[], metavar="TYPE=N",
+                    help="language stage: use instruction pairs of TYPE N times per epoch, e.g. caption=2 "
+                    "(repeatable; captioner adapt --task-weight)")
     ap.add_argument("--data", action="append", default=[], metavar="SPLIT=N",
                     help="override one split's clip count, e.g. --data adapt=8000 (repeatable)")
     args = ap.parse_args(argv)
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
                               + (f"-w{args.width}" if args.width else "")
                               + (f"-l{args.layers}" if args.layers else "")
                               + (f"-f{args.frames}" if args.frames else "")
-                              + "".join(f"-{x.replace('=', '')}" for x in args.steps + args.data)
+                              + "".join(f"-{x.replace('=', '')}" for x in args.steps + args.data + args.task_weight)
                               + (f"-two{two_event}" if two_event != TWO_EVENT[args.preset] else "")
                               + ("-twovisual" if args.two_event_visual else ""))
     splits = dict(SPLITS[args.preset])
@@ -126,6 +129,11 @@ def main(argv=None) -> int:
     for item in args.steps:
         stage, n = _override(item, preset, "--steps")
         preset[stage]["steps"] = n
+    for item in args.task_weight:
+        name, _, n = item.partition("=")
+        if not name or not n.isdigit():
+            raise SystemExit(f"--task-weight {item!r}: expected TYPE=N, e.g. caption=2")
+        preset["language"]["task_weights"] = {**preset["language"].get("task_weights", {}), name: int(n)}
     if args.frames:
         for stage in ("visual", "language"):
             preset[stage]["frames"] = args.frames

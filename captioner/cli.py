@@ -49,6 +49,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precompute-features", action=argparse.BooleanOptionalAction, default=True,
                    help="language stage: run the frozen vision side once per clip while preparing the examples "
                    "instead of every step (same loss, faster, a few KB per clip instead of its pixels)")
+    p.add_argument("--task-weight", action="append", default=[], metavar="TYPE=N",
+                   help="language stage: use each instruction pair of TYPE (qa.json's \"type\": caption, "
+                   "temporal, causal, descriptive) N times per epoch, 0 to leave it out; others once (repeatable; "
+                   "overrides the preset's)")
     p.add_argument("--threads", type=int, help="torch CPU threads (tiny models train as fast on 1 as on 2)")
     p.add_argument("--max-samples", type=int, default=0, help="use at most this many samples (0: all)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of full weights")
@@ -69,6 +73,14 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
             kw[name] = getattr(args, name)
     if stage != "visual":
         kw.pop("temporal_adapter", None)
+    weights = dict(kw.pop("task_weights", {})) if stage == "language" else {}
+    for item in getattr(args, "task_weight", []):
+        name, _, n = item.partition("=")
+        if not name or not n.isdigit():
+            raise ValueError(f"--task-weight {item!r}: expected TYPE=N with N a whole number >= 0, e.g. caption=2")
+        weights[name] = int(n)
+    if weights:
+        kw["task_weights"] = weights
     return TrainConfig(stage=stage, model=model, shards=args.shards, out=out, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, warmup=args.warmup, max_samples=args.max_samples, lora=args.lora,
                        lora_rank=args.lora_rank, precompute_features=args.precompute_features, seed=args.seed,

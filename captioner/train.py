@@ -10,8 +10,8 @@ Stages (what trains, what stays frozen):
     visual    video-caption pairs (gt.txt): vision tower + projector; the language model is frozen
     language  instruction pairs (qa.json, captioning included): the language model; vision side frozen
 
-Processor outputs are computed once per clip and kept in memory (a clip's pixels
-are shared by all its instruction pairs). Where the vision side is frozen (the
+Processor outputs are computed once per clip and kept in memory, a byte per value
+(``PixelCodec``; a clip's pixels are shared by all its instruction pairs). Where the vision side is frozen (the
 language stage), it runs once per clip while the examples are prepared and only
 its output tokens are kept (``precompute_features``): about 1.6x faster steps
 for the tiny toy model and a few KB per clip instead of its pixels; the loss is
@@ -63,6 +63,9 @@ class TrainConfig:
     lora_rank: int = 16
     temporal_adapter: bool = False  # visual stage: add a space-time adapter on video tokens (captioner.adapter)
     precompute_features: bool = True  # language stage: run the frozen vision side once per clip, not every step
+    # language stage: how many times each instruction pair of a type ('caption', 'temporal', ...; qa.json's
+    # "type") is used per epoch; unnamed types and pairs without a type count once, 0 leaves a type out
+    task_weights: dict = field(default_factory=dict)
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
     resume: bool = False
@@ -81,6 +84,12 @@ class TrainConfig:
             problems.append(f"--lr must be > 0, got {self.lr}")
         if self.warmup < 0 or self.max_samples < 0 or self.save_every < 0:
             problems.append("--warmup, --max-samples and --save-every must be >= 0")
+        bad = {k: v for k, v in self.task_weights.items() if not (isinstance(k, str) and k and
+                                                                   isinstance(v, int) and v >= 0)}
+        if bad:
+            problems.append(f"--task-weight takes TYPE=N with N a whole number >= 0, got {bad}")
+        elif self.task_weights and self.stage != "language":
+            problems.append("--task-weight applies to the language stage (its instruction pairs have types)")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -96,9 +105,48 @@ class Example:
     labels: torch.Tensor
     mm_token_type_ids: torch.Tensor
     media: str | None = None  # 'video', 'image' or None
-    pixels: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None  # packed by ``codec`` where it is given
     grid_thw: torch.Tensor | None = None
     features: torch.Tensor | None = None  # [visual tokens, hidden]: the frozen vision side's output
+    codec: "PixelCodec | None" = None  # how ``pixels`` unpack to the processor's values (None: bf16 as they are)
+
+
+@dataclass(frozen=True)
+class PixelCodec:
+    """A processor's pixel values kept as the 8-bit levels they were made from.
+
+    Qwen2-VL's processors rescale and normalise every channel, ``v = x * rescale / std - mean / std``, and flatten
+    each patch channel-major (channel, temporal patch, rows, columns). Storing ``x`` as uint8 and undoing the
+    affine per batch takes one byte per value instead of bf16's two, and is exact where the processor did not
+    resize (levels are integers) — bf16 rounds normalised values by up to ~0.5 of a level. Resized input rounds
+    to the nearest level, the same size of error bf16 made.
+    """
+
+    scale: torch.Tensor  # [patch width]: rescale / std of each column's channel
+    offset: torch.Tensor  # [patch width]: -mean / std
+
+    @classmethod
+    def of(cls, processor, width: int) -> "PixelCodec | None":
+        """The codec of a Qwen2-VL-style image or video processor for rows of ``width`` values; None where the
+        processor does not rescale and normalise, or its rows are not channel-major patches of that width."""
+        try:
+            mean, std = [float(m) for m in processor.image_mean], [float(s) for s in processor.image_std]
+            per_channel = int(processor.temporal_patch_size) * int(processor.patch_size) ** 2
+            rescale = float(processor.rescale_factor)
+        except (AttributeError, TypeError):
+            return None
+        if not (processor.do_rescale and processor.do_normalize) or len(mean) != len(std) or \
+                per_channel * len(mean) != width:
+            return None
+        channel = torch.arange(width) // per_channel
+        std_t, mean_t = torch.tensor(std)[channel], torch.tensor(mean)[channel]
+        return cls(scale=rescale / std_t, offset=-mean_t / std_t)
+
+    def pack(self, pixels: torch.Tensor) -> torch.Tensor:
+        return ((pixels.float() - self.offset) / self.scale).round_().clamp_(0, 255).to(torch.uint8)
+
+    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
+        return packed.float() * self.scale + self.offset
 
 
 FeatureFn = Callable[[str, torch.Tensor, torch.Tensor], list[torch.Tensor]]
@@ -124,8 +172,9 @@ def frozen_features(model, device: str) -> FeatureFn:
     return encode
 
 
-def _texts_for(stage: str, sample: dict) -> list[tuple[str | None, str, str]]:
-    """(media, question, answer) triples a sample gives for a stage."""
+def _texts_for(stage: str, sample: dict, task_weights: dict | None = None) -> list[tuple[str | None, str, str]]:
+    """(media, question, answer) triples a sample gives for a stage; in the language stage each instruction pair
+    as many times as ``task_weights`` gives its type (once by default)."""
     from engine.shards import read_json, read_text
     from data_specs.prompts import get_prompt
 
@@ -139,7 +188,9 @@ def _texts_for(stage: str, sample: dict) -> list[tuple[str | None, str, str]]:
         return [("image", image_q, read_text(sample, "gt.txt"))] + ([(None, video_q, lm)] if lm else [])
     if stage == "visual":
         return [("video", video_q, read_text(sample, "gt.txt"))]
-    return [("video", qa["question"], qa["answer"]) for qa in read_json(sample, "qa.json") or []]
+    weights = task_weights or {}
+    return [("video", qa["question"], qa["answer"]) for qa in read_json(sample, "qa.json") or []
+            for _ in range(weights.get(qa.get("type"), 1))]
 
 
 @functools.cache
@@ -190,12 +241,14 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True,
     video_id, image_id = tok.convert_tokens_to_ids(video_pad), tok.convert_tokens_to_ids(image_pad)
     errors = ErrorCollector()
     examples: list[Example] = []
+    codecs: dict[str, PixelCodec | None] = {}  # media -> how its pixels are kept
     pending: dict[tuple, list[tuple[torch.Tensor, list[Example]]]] = {}  # (media, grid) -> clips to encode
 
     def encode(key: tuple) -> None:
         clips = pending.pop(key)
         media, grid = key[0], torch.tensor([key[1]] * len(clips))
-        for (_, owners), feats in zip(clips, features(media, torch.cat([c[0] for c in clips]), grid)):
+        kept, codec = torch.cat([c[0] for c in clips]), codecs[media]
+        for (_, owners), feats in zip(clips, features(media, codec.unpack(kept) if codec else kept, grid)):
             for e in owners:
                 e.features, e.pixels = feats, None
 
@@ -205,7 +258,7 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True,
         if cfg.max_samples and n_used >= cfg.max_samples:
             break
         try:
-            triples = [t for t in _texts_for(cfg.stage, sample) if t[2]]
+            triples = [t for t in _texts_for(cfg.stage, sample, cfg.task_weights) if t[2]]
             media, pixels, grid, n_tokens = None, None, None, 0
             kinds = {t[0] for t in triples}
             if "video" in kinds:
@@ -223,7 +276,13 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True,
             continue
         if grid is not None:
             n_tokens = int(grid.prod()) // (processor.video_processor.merge_size ** 2)
-            pixels = pixels.to(torch.bfloat16)  # halves the cache; cast back per batch
+            if media not in codecs:
+                sub = processor.video_processor if media == "video" else processor.image_processor
+                codecs[media] = PixelCodec.of(sub, pixels.shape[-1])
+        codec = codecs.get(media)
+        # pixels as kept for training: a byte per value (bf16 where the processor has no codec); the frozen
+        # vision side of the language stage sees them as kept too, so both paths train on the same values
+        kept = None if grid is None else codec.pack(pixels) if codec else pixels.to(torch.bfloat16)
         owners: list[Example] = []
         for m, question, answer in triples:
             content = ([{"type": m}] if m else []) + [{"type": "text", "text": question}]
@@ -237,12 +296,13 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True,
             ids = torch.tensor(p_ids + a_ids)
             labels = torch.tensor([-100] * len(p_ids) + a_ids)
             mm = (ids == image_id).long() + 2 * (ids == video_id).long()
-            examples.append(Example(ids, labels, mm, m, pixels if m else None, grid if m else None))
+            examples.append(Example(ids, labels, mm, m, kept if m else None, grid if m else None,
+                                    codec=codec if m else None))
             if m:
                 owners.append(examples[-1])
         if features is not None and owners:
             key = (owners[0].media, tuple(grid[0].tolist()))
-            pending.setdefault(key, []).append((pixels, owners))
+            pending.setdefault(key, []).append((kept, owners))
             if len(pending[key]) >= 32:
                 encode(key)
         n_used += 1
@@ -275,7 +335,8 @@ def collate(batch: list[Example], pad_id: int) -> dict:
         out.update({f"{media}_grid_thw": grid, "mm_encoder_outputs": {
             media: BaseModelOutputWithPooling(pooler_output=tuple(e.features for e in batch))}})
     elif media is not None:
-        pix = torch.cat([e.pixels for e in batch]).float()
+        pix = torch.cat([e.pixels for e in batch])
+        pix = batch[0].codec.unpack(pix) if batch[0].codec else pix.float()
         grid = torch.cat([e.grid_thw for e in batch])
         if media == "video":
             out.update(pixel_values_videos=pix, video_grid_thw=grid)
@@ -341,7 +402,8 @@ def read_state(out: str | Path) -> dict | None:
 
 # what a run is: resuming with any of these changed would mix two runs in one checkpoint
 RUN_FIELDS = ("stage", "model", "shards", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup",
-              "weight_decay", "frames", "max_samples", "seed", "lora", "lora_rank", "temporal_adapter")
+              "weight_decay", "frames", "max_samples", "seed", "lora", "lora_rank", "temporal_adapter",
+              "task_weights")
 
 
 def config_changes(state: dict, cfg: TrainConfig, fields: tuple[str, ...] = RUN_FIELDS) -> list[str]:
