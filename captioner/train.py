@@ -32,7 +32,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields as dataclass_fields
 from pathlib import Path
 
 import numpy as np
@@ -413,7 +413,10 @@ def config_changes(state: dict, cfg: TrainConfig, fields: tuple[str, ...] = RUN_
     (``cwd`` in trainer_state.json). Fields a stage does not use (frames before the video stages, the LoRA
     rank without LoRA) are not compared.
     """
-    saved, asked = state.get("config", {}), asdict(cfg)
+    # a field the saved config lacks was added since that run: it ran as the field's default does
+    defaults = {f.name: f.default_factory() if f.default_factory is not MISSING else f.default
+                for f in dataclass_fields(TrainConfig)}
+    saved, asked = {**defaults, **state.get("config", {})}, asdict(cfg)
     skip = {"frames"} if cfg.stage in ("lm", "image") else set()
     if not cfg.lora and not saved.get("lora"):
         skip.add("lora_rank")

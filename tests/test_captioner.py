@@ -417,3 +417,15 @@ def test_task_weights_repeat_or_drop_instruction_pairs_by_type(tiny_dir, toy):
         TrainConfig(task_weights={"caption": -1}, **kw)
     with pytest.raises(ValueError, match="language stage"):
         TrainConfig(**{**kw, "stage": "visual"}, task_weights={"caption": 2})
+
+
+def test_a_setting_added_since_a_run_compares_as_its_default():
+    from dataclasses import asdict
+
+    from captioner.train import TrainConfig, config_changes
+
+    cfg = TrainConfig(stage="language", model="hub/id", shards="data/x.tar", out="o")
+    older = {k: v for k, v in asdict(cfg).items() if k != "task_weights"}  # a run from before --task-weight
+    assert config_changes({"config": older}, cfg) == []
+    weighted = TrainConfig(stage="language", model="hub/id", shards="data/x.tar", out="o", task_weights={"caption": 2})
+    assert config_changes({"config": older}, weighted) == ["task_weights: {} -> {'caption': 2}"]
