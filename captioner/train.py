@@ -10,8 +10,8 @@ Stages (what trains, what stays frozen):
     visual    video-caption pairs (gt.txt): vision tower + projector; the language model is frozen
     language  instruction pairs (qa.json, captioning included): the language model; vision side frozen
 
-Processor outputs are computed once per clip and kept in memory, a byte per value
-(``PixelCodec``; a clip's pixels are shared by all its instruction pairs). Where the vision side is frozen (the
+Processor outputs are computed once per clip and kept in memory (a clip's pixels
+are shared by all its instruction pairs). Where the vision side is frozen (the
 language stage), it runs once per clip while the examples are prepared and only
 its output tokens are kept (``precompute_features``): about 1.6x faster steps
 for the tiny toy model and a few KB per clip instead of its pixels; the loss is
@@ -105,48 +105,9 @@ class Example:
     labels: torch.Tensor
     mm_token_type_ids: torch.Tensor
     media: str | None = None  # 'video', 'image' or None
-    pixels: torch.Tensor | None = None  # packed by ``codec`` where it is given
+    pixels: torch.Tensor | None = None
     grid_thw: torch.Tensor | None = None
     features: torch.Tensor | None = None  # [visual tokens, hidden]: the frozen vision side's output
-    codec: "PixelCodec | None" = None  # how ``pixels`` unpack to the processor's values (None: bf16 as they are)
-
-
-@dataclass(frozen=True)
-class PixelCodec:
-    """A processor's pixel values kept as the 8-bit levels they were made from.
-
-    Qwen2-VL's processors rescale and normalise every channel, ``v = x * rescale / std - mean / std``, and flatten
-    each patch channel-major (channel, temporal patch, rows, columns). Storing ``x`` as uint8 and undoing the
-    affine per batch takes one byte per value instead of bf16's two, and is exact where the processor did not
-    resize (levels are integers) — bf16 rounds normalised values by up to ~0.5 of a level. Resized input rounds
-    to the nearest level, the same size of error bf16 made.
-    """
-
-    scale: torch.Tensor  # [patch width]: rescale / std of each column's channel
-    offset: torch.Tensor  # [patch width]: -mean / std
-
-    @classmethod
-    def of(cls, processor, width: int) -> "PixelCodec | None":
-        """The codec of a Qwen2-VL-style image or video processor for rows of ``width`` values; None where the
-        processor does not rescale and normalise, or its rows are not channel-major patches of that width."""
-        try:
-            mean, std = [float(m) for m in processor.image_mean], [float(s) for s in processor.image_std]
-            per_channel = int(processor.temporal_patch_size) * int(processor.patch_size) ** 2
-            rescale = float(processor.rescale_factor)
-        except (AttributeError, TypeError):
-            return None
-        if not (processor.do_rescale and processor.do_normalize) or len(mean) != len(std) or \
-                per_channel * len(mean) != width:
-            return None
-        channel = torch.arange(width) // per_channel
-        std_t, mean_t = torch.tensor(std)[channel], torch.tensor(mean)[channel]
-        return cls(scale=rescale / std_t, offset=-mean_t / std_t)
-
-    def pack(self, pixels: torch.Tensor) -> torch.Tensor:
-        return ((pixels.float() - self.offset) / self.scale).round_().clamp_(0, 255).to(torch.uint8)
-
-    def unpack(self, packed: torch.Tensor) -> torch.Tensor:
-        return packed.float() * self.scale + self.offset
 
 
 FeatureFn = Callable[[str, torch.Tensor, torch.Tensor], list[torch.Tensor]]
@@ -241,14 +202,12 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True,
     video_id, image_id = tok.convert_tokens_to_ids(video_pad), tok.convert_tokens_to_ids(image_pad)
     errors = ErrorCollector()
     examples: list[Example] = []
-    codecs: dict[str, PixelCodec | None] = {}  # media -> how its pixels are kept
     pending: dict[tuple, list[tuple[torch.Tensor, list[Example]]]] = {}  # (media, grid) -> clips to encode
 
     def encode(key: tuple) -> None:
         clips = pending.pop(key)
         media, grid = key[0], torch.tensor([key[1]] * len(clips))
-        kept, codec = torch.cat([c[0] for c in clips]), codecs[media]
-        for (_, owners), feats in zip(clips, features(media, codec.unpack(kept) if codec else kept, grid)):
+        for (_, owners), feats in zip(clips, features(media, torch.cat([c[0] for c in clips]), grid)):
             for e in owners:
                 e.features, e.pixels = feats, None
 
@@ -276,13 +235,7 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True,
             continue
         if grid is not None:
             n_tokens = int(grid.prod()) // (processor.video_processor.merge_size ** 2)
-            if media not in codecs:
-                sub = processor.video_processor if media == "video" else processor.image_processor
-                codecs[media] = PixelCodec.of(sub, pixels.shape[-1])
-        codec = codecs.get(media)
-        # pixels as kept for training: a byte per value (bf16 where the processor has no codec); the frozen
-        # vision side of the language stage sees them as kept too, so both paths train on the same values
-        kept = None if grid is None else codec.pack(pixels) if codec else pixels.to(torch.bfloat16)
+            pixels = pixels.to(torch.bfloat16)  # halves the cache; cast back per batch
         owners: list[Example] = []
         for m, question, answer in triples:
             content = ([{"type": m}] if m else []) + [{"type": "text", "text": question}]
@@ -296,13 +249,12 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True,
             ids = torch.tensor(p_ids + a_ids)
             labels = torch.tensor([-100] * len(p_ids) + a_ids)
             mm = (ids == image_id).long() + 2 * (ids == video_id).long()
-            examples.append(Example(ids, labels, mm, m, kept if m else None, grid if m else None,
-                                    codec=codec if m else None))
+            examples.append(Example(ids, labels, mm, m, pixels if m else None, grid if m else None))
             if m:
                 owners.append(examples[-1])
         if features is not None and owners:
             key = (owners[0].media, tuple(grid[0].tolist()))
-            pending.setdefault(key, []).append((kept, owners))
+            pending.setdefault(key, []).append((pixels, owners))
             if len(pending[key]) >= 32:
                 encode(key)
         n_used += 1
@@ -335,8 +287,7 @@ def collate(batch: list[Example], pad_id: int) -> dict:
         out.update({f"{media}_grid_thw": grid, "mm_encoder_outputs": {
             media: BaseModelOutputWithPooling(pooler_output=tuple(e.features for e in batch))}})
     elif media is not None:
-        pix = torch.cat([e.pixels for e in batch])
-        pix = batch[0].codec.unpack(pix) if batch[0].codec else pix.float()
+        pix = torch.cat([e.pixels for e in batch]).float()
         grid = torch.cat([e.grid_thw for e in batch])
         if media == "video":
             out.update(pixel_values_videos=pix, video_grid_thw=grid)
