@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import captioner  # noqa: E402,F401  - arms the torchvision fix before transformers loads
-from captioner.cli import PRESETS  # noqa: E402
+from captioner.cli import PRESETS, parse_task_weights  # noqa: E402
 from captioner.evaluate import evaluate_toy, forced_choice_toy, load_eval_clips  # noqa: E402
 from captioner.load import load_captioner  # noqa: E402
 from captioner.tiny import build_tiny  # noqa: E402
@@ -129,11 +129,12 @@ def main(argv=None) -> int:
     for item in args.steps:
         stage, n = _override(item, preset, "--steps")
         preset[stage]["steps"] = n
-    for item in args.task_weight:
-        name, _, n = item.partition("=")
-        if not name or not n.isdigit():
-            raise SystemExit(f"--task-weight {item!r}: expected TYPE=N, e.g. caption=2")
-        preset["language"]["task_weights"] = {**preset["language"].get("task_weights", {}), name: int(n)}
+    try:
+        weights = parse_task_weights(args.task_weight)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    if weights:
+        preset["language"]["task_weights"] = {**preset["language"].get("task_weights", {}), **weights}
     if args.frames:
         for stage in ("visual", "language"):
             preset[stage]["frames"] = args.frames

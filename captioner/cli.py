@@ -74,11 +74,7 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
     if stage != "visual":
         kw.pop("temporal_adapter", None)
     weights = dict(kw.pop("task_weights", {})) if stage == "language" else {}
-    for item in getattr(args, "task_weight", []):
-        name, _, n = item.partition("=")
-        if not name or not n.isdigit():
-            raise ValueError(f"--task-weight {item!r}: expected TYPE=N with N a whole number >= 0, e.g. caption=2")
-        weights[name] = int(n)
+    weights.update(parse_task_weights(getattr(args, "task_weight", [])))
     if weights:
         kw["task_weights"] = weights
     return TrainConfig(stage=stage, model=model, shards=args.shards, out=out, batch_size=args.batch_size,
@@ -86,6 +82,17 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
                        lora_rank=args.lora_rank, precompute_features=args.precompute_features, seed=args.seed,
                        save_every=args.save_every, resume=args.resume, device=args.device,
                        extra={"preset": args.preset}, **kw)
+
+
+def parse_task_weights(items: list[str]) -> dict[str, int]:
+    """``--task-weight TYPE=N`` flags as {type: N}."""
+    weights = {}
+    for item in items:
+        name, _, n = item.partition("=")
+        if not name or not n.isdigit():
+            raise ValueError(f"--task-weight {item!r}: expected TYPE=N with N a whole number >= 0, e.g. caption=2")
+        weights[name] = int(n)
+    return weights
 
 
 def _tiny(args: argparse.Namespace) -> int:
