@@ -377,7 +377,7 @@ def test_task_weights_repeat_or_drop_instruction_pairs_by_type(tiny_dir, toy):
     kw = dict(stage="language", model=str(tiny_dir), shards=str(toy / "adapt-*.tar"), out="unused", frames=4)
 
     def n_examples(weights: dict) -> int:
-        return build_examples(TrainConfig(task_weights=weights, **kw), processor, progress=False)[0].__len__()
+        return len(build_examples(TrainConfig(task_weights=weights, **kw), processor, progress=False)[0])
 
     assert n_examples({}) == len(qa)
     assert n_examples({"caption": 3, "causal": 0}) == len(qa) + 2 * types["caption"] - types["causal"]
