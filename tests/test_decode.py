@@ -75,6 +75,22 @@ def test_large_frames_are_downscaled_within_max_pixels(clip_bytes):
         decode_video(clip_bytes, limits=DecodeLimits(max_duration_s=1.0))
 
 
+def test_frames_are_pyavs_own_conversion_at_either_size(clip_bytes):
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(clip_bytes)) as c:
+        frames = list(c.decode(video=0))
+    small = {"width": 56, "height": 56, "format": "rgb24", "interpolation": "AREA"}
+    # one kept converter serves sizes in turn: each result is what a fresh one makes of that frame
+    for limits, want in ((DecodeLimits(), lambda f: f.to_ndarray(format="rgb24")),
+                         (DecodeLimits(max_pixels=56 * 56), lambda f: f.reformat(**small).to_ndarray()),
+                         (DecodeLimits(), lambda f: f.to_ndarray(format="rgb24"))):
+        out = decode_video(clip_bytes, Sampling.uniform(4), backend="av", limits=limits)
+        assert np.array_equal(out.frames, np.stack([want(frames[i]) for i in out.indices]))
+
+
 def test_pool_kills_a_decode_that_holds_the_gil_and_keeps_going(clip_bytes):
     with DecodePool(workers=1, fn=hang.hold_gil_forever) as pool:
         t0 = time.monotonic()
