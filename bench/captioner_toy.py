@@ -2,7 +2,8 @@
 
 Usage: python bench/captioner_toy.py [--preset quick|full] [--work bench/work/captioner] [--eval-n 200]
            [--config qwen2-vl-tiny] [--frames N] [--steps STAGE=N ...] [--data SPLIT=N ...] [--two-event N]
-           [--two-event-visual] [--eval-large N] [--task-weight TYPE=N ...]
+           [--two-event-visual] [--eval-large N] [--task-weight TYPE=N ...] [--batch-size STAGE=N ...]
+           [--pack | --no-pack]
 
 Writes bench/results/captioner_toy[_full].json: per-attribute accuracy (object, colour, action,
 direction within its axis, event order, exact match; see captioner/toy_metrics.py) on the `test`
@@ -103,6 +104,11 @@ def main(argv=None) -> int:
     ap.add_argument("--task-weight", action="append", default=[], metavar="TYPE=N",
                     help="language stage: use instruction pairs of TYPE N times per epoch, e.g. caption=2 "
                     "(repeatable; captioner adapt --task-weight)")
+    ap.add_argument("--batch-size", action="append", default=[], metavar="STAGE=N",
+                    help="override one stage's batch size, e.g. --batch-size language=3 (repeatable)")
+    ap.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                    help="language stage: pack each clip's instruction pairs in one sequence, --batch-size then "
+                    "counting clips (captioner adapt --pack; default: the preset's)")
     ap.add_argument("--data", action="append", default=[], metavar="SPLIT=N",
                     help="override one split's clip count, e.g. --data adapt=8000 (repeatable)")
     args = ap.parse_args(argv)
@@ -119,6 +125,8 @@ def main(argv=None) -> int:
                               + (f"-l{args.layers}" if args.layers else "")
                               + (f"-f{args.frames}" if args.frames else "")
                               + "".join(f"-{x.replace('=', '')}" for x in args.steps + args.data + args.task_weight)
+                              + "".join(f"-batch{x.replace('=', '')}" for x in args.batch_size)
+                              + ({True: "-pack", False: "-nopack", None: ""}[args.pack])
                               + (f"-two{two_event}" if two_event != TWO_EVENT[args.preset] else "")
                               + ("-twovisual" if args.two_event_visual else ""))
     splits = dict(SPLITS[args.preset])
@@ -129,6 +137,11 @@ def main(argv=None) -> int:
     for item in args.steps:
         stage, n = _override(item, preset, "--steps")
         preset[stage]["steps"] = n
+    for item in args.batch_size:
+        stage, n = _override(item, preset, "--batch-size")
+        preset[stage]["batch_size"] = n
+    if args.pack is not None:
+        preset["language"]["pack"] = args.pack
     try:
         weights = parse_task_weights(args.task_weight)
     except ValueError as exc:

@@ -38,7 +38,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    "per stage; flags below override them")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--lr", type=float, help="peak learning rate (warm-up, then cosine decay)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, help="examples per micro-batch (clips with --pack; default: the "
+                   "preset's, else 16)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--warmup", type=int, default=20, help="warm-up steps")
     p.add_argument("--weight-decay", type=float, help="AdamW weight decay (default: the preset's, else 0)")
@@ -49,6 +50,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precompute-features", action=argparse.BooleanOptionalAction, default=True,
                    help="language stage: run the frozen vision side once per clip while preparing the examples "
                    "instead of every step (same loss, faster, a few KB per clip instead of its pixels)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                   help="language stage: a clip's instruction pairs in one sequence, the prompt they share "
+                   "(template, visual tokens) once; each pair sees only that and itself, so the loss is the "
+                   "same, from about half the tokens. --batch-size then counts clips (default: the preset's)")
     p.add_argument("--task-weight", action="append", default=[], metavar="TYPE=N",
                    help="language stage: use each instruction pair of TYPE (qa.json's \"type\": caption, "
                    "temporal, causal, descriptive) N times per epoch, 0 to leave it out; others once (repeatable; "
@@ -68,7 +73,9 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
     from captioner.train import TrainConfig
 
     kw = dict(PRESETS[args.preset][stage])
-    for name in ("steps", "lr", "frames", "temporal_adapter", "weight_decay"):
+    if stage != "language":  # a preset's packing is its language stage's; --pack on another stage is refused
+        kw.pop("pack", None)
+    for name in ("steps", "lr", "frames", "temporal_adapter", "weight_decay", "batch_size", "pack"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     if stage != "visual":
@@ -77,7 +84,7 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
     weights.update(parse_task_weights(getattr(args, "task_weight", [])))
     if weights:
         kw["task_weights"] = weights
-    return TrainConfig(stage=stage, model=model, shards=args.shards, out=out, batch_size=args.batch_size,
+    return TrainConfig(stage=stage, model=model, shards=args.shards, out=out,
                        grad_accum=args.grad_accum, warmup=args.warmup, max_samples=args.max_samples, lora=args.lora,
                        lora_rank=args.lora_rank, precompute_features=args.precompute_features, seed=args.seed,
                        save_every=args.save_every, resume=args.resume, device=args.device,

@@ -397,3 +397,53 @@ def test_a_setting_added_since_a_run_compares_as_its_default():
     assert config_changes({"config": older}, cfg) == []
     weighted = TrainConfig(stage="language", model="hub/id", shards="data/x.tar", out="o", task_weights={"caption": 2})
     assert config_changes({"config": older}, weighted) == ["task_weights: {} -> {'caption': 2}"]
+
+
+def test_packed_pairs_give_the_loss_and_gradients_of_the_pairs_apart(tiny_dir, toy, tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from captioner.train import (TrainConfig, _to, answer_loss, apply_freezing, build_examples, collate,
+                                 frozen_features, mrope_positions, train)
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # loud weights: a leak between pairs would move the loss
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    kw = dict(stage="language", model=str(tiny_dir), shards=str(toy / "adapt-*.tar"), out="unused", frames=4)
+    model = apply_freezing(model, TrainConfig(**kw))
+    pad = processor.tokenizer.pad_token_id
+
+    def examples(pack: bool, positions: bool) -> tuple[list, dict]:
+        return build_examples(TrainConfig(pack=pack, **kw), processor, progress=False,
+                              features=frozen_features(model, "cpu"),
+                              positions=mrope_positions(model) if positions else None)
+
+    apart, report = examples(pack=False, positions=False)  # the model computes positions and every logit
+    packed, packed_report = examples(pack=True, positions=True)
+    assert packed_report["examples"] == report["examples"] == len(apart)
+    assert packed_report["sequences"] == report["samples"] == len(packed) < len(apart)
+    clips = packed[:3]
+    pairs = apart[:sum(e.pairs for e in clips)]  # the same pairs, in the same order
+    assert sum(len(e.input_ids) for e in clips) < 0.7 * sum(len(e.input_ids) for e in pairs)
+    params = [p for p in model.parameters() if p.requires_grad]
+    reference = model(**_to(collate(pairs, pad), "cpu")).loss
+    for batch in (collate(pairs, pad), collate(clips, pad)):
+        loss = answer_loss(model, _to(batch, "cpu"))
+        assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+        for a, b in zip(torch.autograd.grad(loss, params, retain_graph=True),
+                        torch.autograd.grad(reference, params, retain_graph=True)):
+            assert torch.allclose(a, b, atol=1e-6)
+    # a packed clip beside unpacked pairs in a batch: each keeps its own attention
+    placed = examples(pack=False, positions=True)[0]
+    mixed = answer_loss(model, _to(collate([clips[0], *placed[clips[0].pairs:len(pairs)]], pad), "cpu"))
+    assert mixed.item() == pytest.approx(reference.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="M-RoPE positions"):
+        collate([clips[0], *pairs[clips[0].pairs:]], pad)
+
+    summary = train(TrainConfig(**{**kw, "out": str(tmp_path / "packed")}, pack=True, steps=3, batch_size=2,
+                                warmup=1), progress=False)
+    assert summary["step"] == 3 and summary["sequences"] == report["samples"]
+    with pytest.raises(ValueError, match="--pack applies to the language stage"):
+        TrainConfig(**{**kw, "stage": "visual"}, pack=True)

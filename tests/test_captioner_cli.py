@@ -57,6 +57,7 @@ def test_bad_flags_are_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--steps" in err and "--lr" in err
     for flags, named in ((["--stage", "language", "--task-weight", "caption=two"], "--task-weight 'caption=two'"),
-                         (["--stage", "visual", "--task-weight", "caption=2"], "applies to the language stage")):
+                         (["--stage", "visual", "--task-weight", "caption=2"], "applies to the language stage"),
+                         (["--stage", "visual", "--pack"], "--pack applies to the language stage")):
         assert main(["adapt", "--model", "x", "--shards", "y", "--out", str(tmp_path), *flags]) == 2
         assert named in capsys.readouterr().err
