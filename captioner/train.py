@@ -279,7 +279,7 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True, features:
             for e in owners:
                 e.features, e.pixels = feats, None
 
-    n_used = 0
+    n_used = unpacked = 0  # unpacked: clips with several pairs that `pack_pairs` left apart
     bar = tqdm(desc=f"prepare {cfg.stage}", unit="sample", disable=not progress)
     for sample in read_samples(cfg.shards, handler=errors):
         if cfg.max_samples and n_used >= cfg.max_samples:
@@ -321,7 +321,9 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True, features:
             example = Example(ids, labels, mm, m, pixels if m else None, grid if m else None, position_ids=pos)
             (owners if m else examples).append(example)
         if cfg.pack:
-            owners = pack_pairs(owners)
+            packed = pack_pairs(owners)
+            unpacked += len(owners) > 1 and len(packed) == len(owners)
+            owners = packed
         examples += owners
         if features is not None and owners:
             key = (owners[0].media, tuple(grid[0].tolist()))
@@ -336,7 +338,8 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True, features:
         encode(key)
     bar.close()
     return examples, {"samples": n_used, "examples": sum(e.pairs for e in examples),
-                      **({"sequences": len(examples)} if cfg.pack else {}), "skipped": errors.by_reason(),
+                      **({"sequences": len(examples), "unpacked_clips": unpacked} if cfg.pack else {}),
+                      "skipped": errors.by_reason(),
                       "first_errors": [str(e) for e in errors.errors[:5]]}
 
 
@@ -411,8 +414,9 @@ def answer_loss(model, inputs: dict) -> torch.Tensor:
     if not keep.any():
         raise ValueError("a batch without a supervised token")
     logits = model(**rest, logits_to_keep=keep).logits
-    if logits.dim() == 3:  # a model class that keeps every position
-        logits = logits[keep]
+    if logits.shape[0] != int(keep.sum()):
+        raise ValueError(f"{type(model).__name__} does not take a boolean logits_to_keep (transformers' "
+                         f"slice_logits_to_keep): got logits {tuple(logits.shape)} for {int(keep.sum())} positions")
     return torch.nn.functional.cross_entropy(logits.float(), target[keep])
 
 
@@ -423,7 +427,7 @@ def _pair_mask(model, seg: torch.Tensor) -> dict:
     kinds = set(getattr(text, "layer_types", None) or ["full_attention"])
     if kinds != {"full_attention"}:
         raise ValueError(f"--pack needs full attention in every layer; this model has {sorted(kinds)}")
-    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    impl = getattr(text, "_attn_implementation", None) or getattr(model.config, "_attn_implementation", "sdpa")
     if impl not in ("sdpa", "eager"):
         raise ValueError(f"--pack needs the sdpa or eager attention (a 4-D mask), not {impl!r}")
     n = seg.shape[1]
@@ -432,7 +436,8 @@ def _pair_mask(model, seg: torch.Tensor) -> dict:
     seen |= torch.eye(n, dtype=torch.bool, device=seg.device)  # a pad sees itself: no row of the softmax is empty
     mask = seen[:, None]
     if impl == "eager":  # eager attention adds its mask
-        mask = torch.zeros(mask.shape, device=seg.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        dtype = next(model.parameters()).dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=seg.device).masked_fill(~mask, torch.finfo(dtype).min)
     return {"full_attention": mask}
 
 
@@ -618,6 +623,9 @@ def train(cfg: TrainConfig, progress: bool = True,
         random.setstate(blob["python_rng"])
         start = state["step"]
     frozen_vision = cfg.stage == "language" and cfg.precompute_features
+    if cfg.pack and mrope_positions(model) is None:
+        raise ValueError(f"--pack needs a model with M-RoPE positions (Qwen2-VL family); {type(model).__name__} "
+                         "has none")
     examples, report = build_examples(cfg, processor, progress=progress,
                                       features=frozen_features(model, device) if frozen_vision else None,
                                       positions=mrope_positions(model))

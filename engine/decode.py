@@ -306,7 +306,8 @@ def _to_rgb(frame: av.VideoFrame, size: tuple[int, int]) -> np.ndarray:
         reformatter = _local.reformatter = VideoReformatter()
     resize = {"width": size[0], "height": size[1], "interpolation": "AREA"} if (frame.width, frame.height) != size \
         else {}
-    return reformatter.reformat(frame, format="rgb24", **resize).to_ndarray()
+    # one swscale thread: decode parallelism comes from worker processes, and a kept context holds no thread pool
+    return reformatter.reformat(frame, format="rgb24", threads=1, **resize).to_ndarray()
 
 
 # --------------------------------------------------------------------------- decord

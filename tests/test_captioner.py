@@ -397,6 +397,10 @@ def test_a_setting_added_since_a_run_compares_as_its_default():
     assert config_changes({"config": older}, cfg) == []
     weighted = TrainConfig(stage="language", model="hub/id", shards="data/x.tar", out="o", task_weights={"caption": 2})
     assert config_changes({"config": older}, weighted) == ["task_weights: {} -> {'caption': 2}"]
+    before_pack = {k: v for k, v in asdict(cfg).items() if k != "pack"}
+    assert config_changes({"config": before_pack}, cfg) == []
+    packed = TrainConfig(stage="language", model="hub/id", shards="data/x.tar", out="o", pack=True)
+    assert config_changes({"config": before_pack}, packed) == ["pack: False -> True"]
 
 
 def test_packed_pairs_give_the_loss_and_gradients_of_the_pairs_apart(tiny_dir, toy, tmp_path):
@@ -424,6 +428,7 @@ def test_packed_pairs_give_the_loss_and_gradients_of_the_pairs_apart(tiny_dir, t
     packed, packed_report = examples(pack=True, positions=True)
     assert packed_report["examples"] == report["examples"] == len(apart)
     assert packed_report["sequences"] == report["samples"] == len(packed) < len(apart)
+    assert packed_report["unpacked_clips"] == 0
     clips = packed[:3]
     pairs = apart[:sum(e.pairs for e in clips)]  # the same pairs, in the same order
     assert sum(len(e.input_ids) for e in clips) < 0.7 * sum(len(e.input_ids) for e in pairs)
@@ -441,6 +446,9 @@ def test_packed_pairs_give_the_loss_and_gradients_of_the_pairs_apart(tiny_dir, t
     assert mixed.item() == pytest.approx(reference.item(), rel=1e-5)
     with pytest.raises(ValueError, match="M-RoPE positions"):
         collate([clips[0], *pairs[clips[0].pairs:]], pad)
+    model.set_attn_implementation("eager")  # eager attention adds its mask: the mask is built for it
+    assert answer_loss(model, _to(collate(clips, pad), "cpu")).item() == pytest.approx(reference.item(), rel=1e-5)
+    model.set_attn_implementation("sdpa")
 
     summary = train(TrainConfig(**{**kw, "out": str(tmp_path / "packed")}, pack=True, steps=3, batch_size=2,
                                 warmup=1), progress=False)
