@@ -34,7 +34,7 @@ SAMPLING_VERSION = 2
 AUTO_ORDER = ("av", "decord", "torchcodec")
 """Preference of ``backend="auto"``: fastest first, as measured by bench/decode.py (bench/results/decode.json).
 
-Measured on 640x360 H.264 (8 frames of 300, 1 thread): decord took 1.00-1.26x PyAV's time, and it
+Measured on 640x360 H.264 (8 frames of 300, 1 thread): decord took 1.16-1.73x PyAV's time, and it
 returns silently wrong frames on MPEG program streams (off by a group of pictures), VOB, raw MPEG-1
 and ASF; so PyAV, the reference, comes first. decord stays available by name."""
 
