@@ -123,6 +123,12 @@ class Example:
     pairs: int = 1  # instruction pairs this sequence holds
 
 
+def _inner_model(model):
+    """The model under a peft wrapper and a ...ForConditionalGeneration head (Qwen2-VL's ``.model``)."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(core, "model", core)
+
+
 PositionFn = Callable[[torch.Tensor, torch.Tensor, str, torch.Tensor], torch.Tensor]
 """(input_ids, mm_token_type_ids, media, grid) -> [3, len] M-RoPE positions of one sequence."""
 
@@ -131,8 +137,7 @@ def mrope_positions(model) -> PositionFn | None:
     """The model's own M-RoPE positions of one sequence (Qwen2-VL's ``get_rope_index``), or None for a model
     without them. A sequence's positions depend only on its tokens and grid, so they are computed once per
     example instead of in every forward pass (~9% of a language-stage step of the tiny model)."""
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    core = getattr(core, "model", core)
+    core = _inner_model(model)
     if not hasattr(core, "get_rope_index"):
         return None
 
@@ -151,8 +156,7 @@ FeatureFn = Callable[[str, torch.Tensor, torch.Tensor], list[torch.Tensor]]
 
 def frozen_features(model, device: str) -> FeatureFn:
     """What a frozen vision side (tower, merger and any temporal adapter) makes of pixels, in eval mode."""
-    core = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
-    core = getattr(core, "model", core)
+    core = _inner_model(model)
 
     @torch.no_grad()
     def encode(media: str, pixels: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
@@ -623,12 +627,13 @@ def train(cfg: TrainConfig, progress: bool = True,
         random.setstate(blob["python_rng"])
         start = state["step"]
     frozen_vision = cfg.stage == "language" and cfg.precompute_features
-    if cfg.pack and mrope_positions(model) is None:
+    positions = mrope_positions(model)
+    if cfg.pack and positions is None:
         raise ValueError(f"--pack needs a model with M-RoPE positions (Qwen2-VL family); {type(model).__name__} "
                          "has none")
     examples, report = build_examples(cfg, processor, progress=progress,
                                       features=frozen_features(model, device) if frozen_vision else None,
-                                      positions=mrope_positions(model))
+                                      positions=positions)
     report["visual_features"] = "precomputed" if frozen_vision else "per step"
     if not examples:
         raise ValueError(f"no training example in {cfg.shards} for stage {cfg.stage!r}: {report}")
