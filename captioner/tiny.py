@@ -32,6 +32,8 @@ CHAT_TEMPLATE = (
 TINY_CONFIGS: dict[str, dict] = {
     # name -> overrides; architectures are data (STYLE.md 2)
     "qwen2-vl-tiny": {"layers": 2, "width": 64, "heads": 4, "kv_heads": 2, "vision_layers": 2, "vision_width": 64},
+    # one more language-model layer, the vision tower as in qwen2-vl-tiny: a language-stage step costs about 1.3x
+    "qwen2-vl-tiny-l3": {"layers": 3, "width": 64, "heads": 4, "kv_heads": 2, "vision_layers": 2, "vision_width": 64},
     "qwen2-vl-small": {"layers": 4, "width": 128, "heads": 4, "kv_heads": 2, "vision_layers": 2,
                        "vision_width": 96},
     # 7-px patches: 4x the visual tokens of a frame, about 2x the training time; the base model names the
