@@ -31,7 +31,9 @@ sys.path.insert(0, str(ROOT))
 
 import captioner  # noqa: E402,F401  - arms the torchvision fix before transformers loads
 from captioner.cli import PRESETS, parse_task_weights  # noqa: E402
-from captioner.evaluate import evaluate_toy, forced_choice_toy, load_eval_clips  # noqa: E402
+from captioner.evaluate import (  # noqa: E402
+    evaluate_frames, evaluate_toy, forced_choice_toy, load_eval_clips, load_eval_frames,
+)
 from captioner.load import load_captioner  # noqa: E402
 from captioner.tiny import build_tiny  # noqa: E402
 from captioner.toy_metrics import parse_caption, score  # noqa: E402
@@ -104,6 +106,8 @@ def main(argv=None) -> int:
     ap.add_argument("--task-weight", action="append", default=[], metavar="TYPE=N",
                     help="language stage: use instruction pairs of TYPE N times per epoch, e.g. caption=2 "
                     "(repeatable; captioner adapt --task-weight)")
+    ap.add_argument("--lr", action="append", default=[], metavar="STAGE=X",
+                    help="override one stage's peak learning rate, e.g. --lr image=2e-3 (repeatable)")
     ap.add_argument("--batch-size", action="append", default=[], metavar="STAGE=N",
                     help="override one stage's batch size, e.g. --batch-size language=3 (repeatable)")
     ap.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
@@ -126,6 +130,7 @@ def main(argv=None) -> int:
                               + (f"-f{args.frames}" if args.frames else "")
                               + "".join(f"-{x.replace('=', '')}" for x in args.steps + args.data + args.task_weight)
                               + "".join(f"-batch{x.replace('=', '')}" for x in args.batch_size)
+                              + "".join(f"-lr{x.replace('=', '')}" for x in args.lr)
                               + ({True: "-pack", False: "-nopack", None: ""}[args.pack])
                               + (f"-two{two_event}" if two_event != TWO_EVENT[args.preset] else "")
                               + ("-twovisual" if args.two_event_visual else ""))
@@ -137,6 +142,14 @@ def main(argv=None) -> int:
     for item in args.steps:
         stage, n = _override(item, preset, "--steps")
         preset[stage]["steps"] = n
+    for item in args.lr:
+        stage, _, value = item.partition("=")
+        if stage not in preset:
+            raise SystemExit(f"--lr takes STAGE=X with STAGE one of {', '.join(preset)}, got {item!r}")
+        try:
+            preset[stage]["lr"] = float(value)
+        except ValueError:
+            raise SystemExit(f"--lr {item!r}: {value!r} is not a number") from None
     for item in args.batch_size:
         stage, n = _override(item, preset, "--batch-size")
         preset[stage]["batch_size"] = n
@@ -165,6 +178,9 @@ def main(argv=None) -> int:
     frames = preset["visual"].get("frames", 8)
     test = load_eval_clips(str(data / "test-*.tar"), frames=frames, limit=args.eval_n)
     comp = load_eval_clips(str(data / "compositional-*.tar"), frames=frames, limit=args.eval_n)
+    held_out = Path(args.work) / f"toy-pretrain{args.eval_n}-seed1"  # frames no stage trained on
+    synth(SynthConfig(split="pretrain", n=args.eval_n, seed=1), held_out, progress=False)
+    still = load_eval_frames(str(held_out / "pretrain-*.tar"))
     result: dict = {"benchmark": "captioner_toy", "command": "python bench/captioner_toy.py " + " ".join(
         argv if argv is not None else sys.argv[1:]), "preset": args.preset, "preset_config": preset,
         "data": {**splits, "adapt_two_event": two_event, "two_event_stages": (
@@ -291,6 +307,12 @@ def main(argv=None) -> int:
             evals[name]["forced_choice_compositional"] = forced_choice_toy(cap, *comp, mode=mode)
         if name == "c_stage1_2":
             evals[name]["test_by_event_count"] = by_event_count(r["examples"])
+        if name in ("a_base_middle_frame", "b_stage1"):  # their language model is the base's: it still says
+            # what a frame shows, and how well it names the shapes sets what the stages after it can reach
+            f = evaluate_frames(cap, still)
+            evals[name]["frames_held_out"] = {k: f["metrics"][k] for k in ("shape", "colour", "object_set", "exact",
+                                                                          "n")}
+            print(name, "held-out frames", evals[name]["frames_held_out"], flush=True)
         print(name, evals[name]["test"], evals[name]["forced_choice_test"], flush=True)
     large = EVAL_LARGE[args.preset] if args.eval_large is None else args.eval_large
     if large:

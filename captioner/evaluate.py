@@ -16,6 +16,7 @@ from data_specs.prompts import get_prompt
 MODES = {
     "video": "caption-video-v1",  # the clip's frames as a video
     "middle-frame": "caption-video-v1",  # the base image model: the middle frame only, asked what happens
+    "frame": "caption-frame-v1",  # a single frame (the pretrain split's images), asked what it shows
 }
 
 
@@ -32,6 +33,44 @@ def load_eval_clips(shards: str, frames: int = 8, limit: int = 0) -> tuple[list[
         if limit and len(clips) >= limit:
             break
     return clips, refs
+
+
+def load_eval_frames(shards: str, limit: int = 0) -> tuple[list[Clip], list[str]]:
+    """Single frames of the pretrain split (each a one-frame `Clip`) and their gt.txt frame captions."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from data_specs import IMAGE_EXTENSIONS
+    from engine.shards import ErrorCollector, read_samples, read_text, video_member
+
+    clips, refs = [], []
+    for sample in read_samples(shards, handler=ErrorCollector()):
+        image = np.asarray(Image.open(io.BytesIO(sample[video_member(sample, IMAGE_EXTENSIONS)])).convert("RGB"))
+        clips.append(Clip(sample["__key__"], image[None]))
+        refs.append(read_text(sample, "gt.txt") or "")
+        if limit and len(clips) >= limit:
+            break
+    return clips, refs
+
+
+def evaluate_frames(model: str | Captioner, frames: tuple[list[Clip], list[str]], batch_size: int = 32) -> dict:
+    """Captions single frames with the frame prompt and scores them (`captioner.toy_metrics.score_static`):
+    whether an image model (the base, or stage 1 with its language model as the base's) sees the shapes.
+
+    Returns:
+        ``{"metrics": {...}, "examples": [(key, prediction, reference), ...], "seconds": s}``
+    """
+    from captioner.load import load_captioner
+    from captioner.toy_metrics import score_static
+
+    cap = load_captioner(model, backend="hf") if isinstance(model, str) else model
+    clips, refs = frames
+    t0 = time.perf_counter()
+    preds = caption_clips(cap, clips, "frame", batch_size)
+    return {"metrics": score_static(preds, refs), "seconds": round(time.perf_counter() - t0, 2),
+            "examples": [(c.key, p, r) for c, p, r in zip(clips, preds, refs)]}
 
 
 def middle_frame(clip: Clip) -> Clip:

@@ -302,6 +302,51 @@ def score_by_axis(predictions: list[str], references: list[str], align: str = "p
             for axis, a in sorted(acc.items())}
 
 
+_STATIC_OBJECT = re.compile(rf"\ba\s+(?P<colour>{_alternation(list(COLOURS))})\s+(?P<shape>{_alternation(SHAPES)})\b")
+
+
+def static_objects(text: str) -> list[tuple[str, str]]:
+    """The (colour, shape) pairs a frame caption names ("a red circle left of a blue square." -> two), in order."""
+    if not isinstance(text, str):
+        return []
+    return [(m["colour"], m["shape"]) for m in _STATIC_OBJECT.finditer(" ".join(text.lower().split()))]
+
+
+def score_static(predictions: list[str], references: list[str]) -> dict:
+    """Accuracy of frame captions (`engine.synth.static_caption`: "a red circle left of a blue square.").
+
+    What the base image model must get right before it ever sees a video: which shapes are in the frame.
+    A frame's objects have distinct colours, so a reference object is found by its colour.
+
+    - ``shape``: share of reference objects that the prediction names with their colour and the right shape.
+      Denominator ``n_objects``.
+    - ``colour``: share of reference objects whose colour the prediction names. Denominator ``n_objects``.
+    - ``object_set``: the prediction names exactly the reference's (colour, shape) pairs, in any order.
+      Denominator ``n``.
+    - ``exact``: the normalised texts are equal (`normalise`). Denominator ``n``.
+
+    Raises:
+        ValueError: the lists differ in length, or a reference names no object.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    shape = colour = same_set = exact = n_objects = 0
+    for k, (pred_text, ref_text) in enumerate(zip(predictions, references)):
+        ref = static_objects(ref_text)
+        if not ref:
+            raise ValueError(f"reference {k} names no object of the toy grammar: {ref_text!r}")
+        pred = static_objects(pred_text)
+        named = dict(reversed(pred))  # colour -> the first shape the prediction gives it
+        n_objects += len(ref)
+        shape += sum(named.get(c) == s for c, s in ref)
+        colour += sum(c in named for c, _ in ref)
+        same_set += sorted(pred) == sorted(ref)
+        exact += isinstance(pred_text, str) and normalise(pred_text) == normalise(ref_text)
+    n = len(references)
+    return {"shape": _ratio(shape, n_objects), "colour": _ratio(colour, n_objects),
+            "object_set": _ratio(same_set, n), "exact": _ratio(exact, n), "n": n, "n_objects": n_objects}
+
+
 def _is_subsequence(needle: list, haystack: list) -> bool:
     it = iter(haystack)
     return all(any(x == y for y in it) for x in needle)

@@ -14,7 +14,7 @@ from captioner.load import load_captioner
 from captioner.tiny import build_tiny
 from data_specs import GenerationParams
 from data_specs.prompts import PROMPTS, get_prompt
-from engine.synth import SynthConfig, render, sample_clip
+from engine.synth import SynthConfig, render, sample_clip, synth
 
 VIDEO, FRAME = get_prompt("caption-video-v1"), get_prompt("caption-frame-v1")
 
@@ -292,6 +292,18 @@ def test_forced_choice_scores_true_captions_against_flipped_twins(cap, clips):
     assert 0.0 <= fc["direction"] <= 1.0 and fc["order"] in (0.0, 0.5, 1.0)
     with pytest.raises(ValueError, match="toy grammar"):
         forced_choice_toy(cap, clips[:1], ["a caption outside the grammar"])
+
+
+def test_frame_evaluation_reads_pretrain_images_and_scores_what_the_model_says(cap, tmp_path):
+    from captioner.evaluate import evaluate_frames, load_eval_frames
+
+    synth(SynthConfig(split="pretrain", n=6, seed=4, shard_size=4), tmp_path, progress=False)
+    frames = load_eval_frames(str(tmp_path / "pretrain-*.tar"), limit=5)
+    assert [c.frames.shape for c in frames[0]] == [(1, 112, 112, 3)] * 5
+    r = evaluate_frames(cap, frames)
+    assert r["metrics"]["n"] == 5 and r["metrics"]["n_objects"] >= 5
+    assert [e[2] for e in r["examples"]] == frames[1]
+    assert all(isinstance(e[1], str) for e in r["examples"])  # the loud random model: whatever it says, scored
 
 
 def test_tiny_config_with_7px_patches_keeps_processor_and_model_in_step(tmp_path, cap):

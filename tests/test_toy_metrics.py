@@ -9,10 +9,10 @@ import pytest
 
 from captioner.toy_metrics import (
     ALIGNMENTS, DIRECTIONAL_AXES, ParsedEvent, align_events, format_caption, normalise, parse_caption, score,
-    score_by_axis,
+    score_by_axis, score_static, static_objects,
 )
 from data_specs.toyworld import ACTIONS, AXIS, COLOURS, INVERSE, SHAPES
-from engine.synth import SynthConfig, reverse_clip, sample_clip
+from engine.synth import SynthConfig, reverse_clip, sample_clip, static_caption
 
 METRICS = ("object", "colour", "action", "to_colour", "direction_within_axis", "event_order", "exact", "parse_rate")
 
@@ -234,3 +234,48 @@ def test_bad_arguments():
         score([], [], align="time")
     empty = score([], [])
     assert empty["n"] == 0 and empty["object"] is None and empty["exact"] is None
+
+
+# --------------------------------------------------------------------------- frame captions
+
+@pytest.fixture(scope="module")
+def frames():
+    cfg = SynthConfig(split="pretrain", n=1)
+    return [sample_clip(cfg, i) for i in range(200)]
+
+
+def test_static_objects_read_every_object_of_a_frame_caption(frames):
+    for clip in frames:
+        assert static_objects(static_caption(clip)) == [(clip.tracks[str(o.id)][0].colour, o.shape)
+                                                        for o in clip.objects]
+
+
+def test_frame_caption_scores_count_shapes_by_colour_and_ignore_object_order(frames):
+    refs = [static_caption(c) for c in frames]
+    perfect = score_static(refs, refs)
+    assert perfect == {"shape": 1.0, "colour": 1.0, "object_set": 1.0, "exact": 1.0, "n": 200,
+                       "n_objects": sum(len(c.objects) for c in frames)}
+    # the same objects named in another order: the set is right, the text is not
+    multi = [c for c in frames if len(c.objects) >= 2]
+    assert multi
+    swapped = [" and ".join(f"a {col} {shape}" for col, shape in reversed(static_objects(static_caption(c)))) + "."
+               for c in multi]
+    s = score_static(swapped, [static_caption(c) for c in multi])
+    assert s["shape"] == s["colour"] == s["object_set"] == 1.0 and s["exact"] == 0.0
+    # every first object given the next shape: its shape is wrong, its colour still named
+    wrong = []
+    for ref in refs:
+        (col, shape), *rest = static_objects(ref)
+        other = SHAPES[(SHAPES.index(shape) + 1) % len(SHAPES)]
+        wrong.append(ref.replace(f"a {col} {shape}", f"a {col} {other}", 1))
+    s = score_static(wrong, refs)
+    n_obj = perfect["n_objects"]
+    assert s["shape"] == pytest.approx((n_obj - 200) / n_obj) and s["colour"] == 1.0
+    assert s["object_set"] == s["exact"] == 0.0
+    # text outside the grammar names nothing
+    assert score_static(["no idea"] * 200, refs)["colour"] == 0.0
+
+
+def test_frame_caption_scores_refuse_a_reference_without_objects():
+    with pytest.raises(ValueError, match="reference 0 names no object"):
+        score_static(["a red circle."], ["the red circle moves left."])
