@@ -1,6 +1,6 @@
 """The toy base image VLM (text stage, then image stage) with a shape-naming curve on held-out frames.
 
-    python bench/captioner_base.py NAME [--image-lr 2e-3] [--init-seed 1] [--vision-width 128]
+    python bench/captioner_base.py NAME [--image-lr 2e-3] [--image-weight 3] [--init-seed 1] [--vision-width 128]
     python bench/captioner_base.py NAME --score CKPT [--score CKPT ...]   # only score existing bases
 
 Trains the full preset's base (1500 text steps at 2e-3, then --image-steps image steps) from a fresh tiny
@@ -47,6 +47,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="training seed (data order)")
     ap.add_argument("--image-lr", type=float, default=1e-3, help="image stage peak learning rate (preset: 1e-3)")
     ap.add_argument("--image-steps", type=int, default=16000)
+    ap.add_argument("--image-weight", type=int, default=1, help="image batches per text batch in the image stage "
+                    "(TrainConfig.input_weights; preset: 1)")
     ap.add_argument("--image-wd", type=float, default=0.0, help="image stage weight decay")
     ap.add_argument("--points", type=int, default=4, help="curve points over the image stage")
     ap.add_argument("--score", action="append", default=[], metavar="CKPT",
@@ -97,6 +99,7 @@ def main(argv=None) -> int:
                       seed=args.seed), progress=False)
     summary = train(TrainConfig(stage="image", model=str(out / "lm"), shards=data, out=str(out / "base"),
                                 steps=args.image_steps, lr=args.image_lr, seed=args.seed, weight_decay=args.image_wd,
+                                input_weights={"image": args.image_weight} if args.image_weight != 1 else {},
                                 save_every=args.image_steps // args.points), progress=False, on_checkpoint=point)
     result.update(args=vars(args), spec=spec, curve=curve, image_loss=summary["loss"],
                   train_cpu_min=round(cpu_minutes() - c0 - eval_cpu[0], 2))

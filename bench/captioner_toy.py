@@ -3,7 +3,7 @@
 Usage: python bench/captioner_toy.py [--preset quick|full] [--work bench/work/captioner] [--eval-n 200]
            [--config qwen2-vl-tiny] [--frames N] [--steps STAGE=N ...] [--data SPLIT=N ...] [--two-event N]
            [--two-event-visual] [--eval-large N] [--task-weight TYPE=N ...] [--batch-size STAGE=N ...]
-           [--pack | --no-pack]
+           [--pack | --no-pack] [--init-seed N] [--image-weight N] [--base CKPT]
 
 Writes bench/results/captioner_toy[_full].json: per-attribute accuracy (object, colour, action,
 direction within its axis, event order, exact match; see captioner/toy_metrics.py) on the `test`
@@ -113,6 +113,12 @@ def main(argv=None) -> int:
     ap.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
                     help="language stage: pack each clip's instruction pairs in one sequence, --batch-size then "
                     "counting clips (captioner adapt --pack; default: the preset's)")
+    ap.add_argument("--init-seed", type=int, default=0, help="seed of the tiny model's random initial weights "
+                    "(captioner tiny --seed): one draw of the whole chain")
+    ap.add_argument("--image-weight", type=int, help="image stage: image batches per text batch (captioner "
+                    "pretrain-toy --input-weight image=N; default: the preset's)")
+    ap.add_argument("--base", help="start stage 1 from this base checkpoint (e.g. one bench/captioner_base.py "
+                    "trained) instead of training one: its minutes are not counted")
     ap.add_argument("--data", action="append", default=[], metavar="SPLIT=N",
                     help="override one split's clip count, e.g. --data adapt=8000 (repeatable)")
     args = ap.parse_args(argv)
@@ -128,6 +134,9 @@ def main(argv=None) -> int:
                               + (f"-w{args.width}" if args.width else "")
                               + (f"-l{args.layers}" if args.layers else "")
                               + (f"-f{args.frames}" if args.frames else "")
+                              + (f"-init{args.init_seed}" if args.init_seed else "")
+                              + (f"-imagew{args.image_weight}" if args.image_weight else "")
+                              + (f"-base{Path(args.base).resolve().parent.name}" if args.base else "")
                               + "".join(f"-{x.replace('=', '')}" for x in args.steps + args.data + args.task_weight)
                               + "".join(f"-batch{x.replace('=', '')}" for x in args.batch_size)
                               + "".join(f"-lr{x.replace('=', '')}" for x in args.lr)
@@ -155,6 +164,8 @@ def main(argv=None) -> int:
         preset[stage]["batch_size"] = n
     if args.pack is not None:
         preset["language"]["pack"] = args.pack
+    if args.image_weight:
+        preset["image"]["input_weights"] = {"image": args.image_weight}
     try:
         weights = parse_task_weights(args.task_weight)
     except ValueError as exc:
@@ -199,10 +210,14 @@ def main(argv=None) -> int:
         """Training CPU minutes of the chain so far: this process's (evaluations left out) and reused stages'."""
         return cpu_minutes() - cpu0 - eval_cpu[0] + reused_cpu[0]
 
+    base = Path(args.base) if args.base else work / "base"
+    if args.base and not read_state(base):
+        raise SystemExit(f"--base {args.base}: no trainer_state.json there; a base is what `captioner "
+                         "pretrain-toy` or bench/captioner_base.py writes")
     chain = {  # stage: (starting checkpoint, shards, checkpoint written, learning-curve points)
         "lm": (work / "init", data / "pretrain-*.tar", work / "base" / "lm", 1),
         "image": (work / "base" / "lm", data / "pretrain-*.tar", work / "base", 1),
-        "visual": (work / "base", adapt, work / "stage1", args.segments),
+        "visual": (base, adapt, work / "stage1", args.segments),
         "language": (work / "stage1", language_adapt, work / "stage2", args.segments)}
 
     def checked(stage: str) -> tuple[TrainConfig, dict | None]:
@@ -219,6 +234,10 @@ def main(argv=None) -> int:
                              "pass another --work, or delete that directory and those of the stages after it")
         return cfg, state
 
+    if args.base:  # the base is given: its stages are not this run's
+        del chain["lm"], chain["image"]
+        result["base"] = {"checkpoint": str(base), "config": read_state(base).get("config")}
+        result.setdefault("uncounted_stages", []).extend(["lm", "image"])
     for stage in chain:  # before any training: a refusal should not come after an hour of it
         checked(stage)
 
@@ -273,11 +292,12 @@ def main(argv=None) -> int:
                                           "stage": result["stages"][stage], "curve": points}, indent=1) + "\n")
 
     init = work / "init"
-    if not (init / "config.json").exists():
-        build_tiny(init, vocab_from=str(data / "pretrain-*.tar"), name=args.config, width=args.width,
-                   layers=args.layers)
-    run("lm", None)
-    run("image", None)
+    if not args.base:
+        if not (init / "config.json").exists():
+            build_tiny(init, vocab_from=str(data / "pretrain-*.tar"), name=args.config, width=args.width,
+                       layers=args.layers, seed=args.init_seed)
+        run("lm", None)
+        run("image", None)
     result["base_cpu_min"] = round(train_cpu(), 2)
     for stage in ("visual", "language"):
         result["curves"][stage] = []
@@ -295,7 +315,7 @@ def main(argv=None) -> int:
             caps[model] = load_captioner(str(model))
         return caps[model]
 
-    for name, model, mode in (("a_base_middle_frame", work / "base", "middle-frame"),
+    for name, model, mode in (("a_base_middle_frame", base, "middle-frame"),
                               ("b_stage1", work / "stage1", "video"), ("c_stage1_2", work / "stage2", "video"),
                               ("c_stage1_2_middle_frame", work / "stage2", "middle-frame")):
         cap = captioner_at(model)

@@ -58,6 +58,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="language stage: use each instruction pair of TYPE (qa.json's \"type\": caption, "
                    "temporal, causal, descriptive) N times per epoch, 0 to leave it out; others once (repeatable; "
                    "overrides the preset's)")
+    p.add_argument("--input-weight", action="append", default=[], metavar="KIND=N",
+                   help="batches of KIND (video, image, text) per turn of the cycle the kinds of batch take, "
+                   "others once; e.g. image=3 spends three image-stage steps in four on frames, one on text "
+                   "(repeatable; overrides the preset's)")
     p.add_argument("--threads", type=int, help="torch CPU threads (tiny models train as fast on 1 as on 2)")
     p.add_argument("--max-samples", type=int, default=0, help="use at most this many samples (0: all)")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) instead of full weights")
@@ -84,6 +88,10 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
     weights.update(parse_task_weights(getattr(args, "task_weight", [])))
     if weights:
         kw["task_weights"] = weights
+    inputs = dict(kw.pop("input_weights", {}))
+    inputs.update(parse_task_weights(getattr(args, "input_weight", []), flag="--input-weight", minimum=1))
+    if inputs:
+        kw["input_weights"] = inputs
     return TrainConfig(stage=stage, model=model, shards=args.shards, out=out,
                        grad_accum=args.grad_accum, warmup=args.warmup, max_samples=args.max_samples, lora=args.lora,
                        lora_rank=args.lora_rank, precompute_features=args.precompute_features, seed=args.seed,
@@ -91,13 +99,14 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
                        extra={"preset": args.preset}, **kw)
 
 
-def parse_task_weights(items: list[str]) -> dict[str, int]:
-    """``--task-weight TYPE=N`` flags as {type: N}."""
+def parse_task_weights(items: list[str], flag: str = "--task-weight", minimum: int = 0) -> dict[str, int]:
+    """``--task-weight TYPE=N`` (or ``--input-weight KIND=N``) flags as {name: N}."""
     weights = {}
     for item in items:
         name, _, n = item.partition("=")
-        if not name or not n.isdigit():
-            raise ValueError(f"--task-weight {item!r}: expected TYPE=N with N a whole number >= 0, e.g. caption=2")
+        if not name or not n.isdigit() or int(n) < minimum:
+            raise ValueError(f"{flag} {item!r}: expected NAME=N with N a whole number >= {minimum}, e.g. "
+                             f"{'image=3' if flag == '--input-weight' else 'caption=2'}")
         weights[name] = int(n)
     return weights
 

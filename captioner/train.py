@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 STAGES = ("lm", "image", "visual", "language")
+INPUT_KINDS = ("video", "image", "text")  # what a training batch holds (an example's media, None for text)
 
 
 @dataclass
@@ -73,6 +74,9 @@ class TrainConfig:
     # language stage: how many times each instruction pair of a type ('caption', 'temporal', ...; qa.json's
     # "type") is used per epoch; unnamed types and pairs without a type count once, 0 leaves a type out
     task_weights: dict = field(default_factory=dict)
+    # batches of each input kind ('video', 'image', 'text') per turn of the cycle the kinds take; unnamed kinds
+    # once. The image stage has image and text batches: {'image': 3} spends three steps in four on frames
+    input_weights: dict = field(default_factory=dict)
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
     resume: bool = False
@@ -97,6 +101,11 @@ class TrainConfig:
             problems.append(f"--task-weight takes TYPE=N with N a whole number >= 0, got {bad}")
         elif self.task_weights and self.stage != "language":
             problems.append("--task-weight applies to the language stage (its instruction pairs have types)")
+        bad = {k: v for k, v in self.input_weights.items() if k not in INPUT_KINDS or not (isinstance(v, int)
+                                                                                           and v >= 1)}
+        if bad:
+            problems.append(f"--input-weight takes KIND=N with KIND one of {', '.join(INPUT_KINDS)} and N a whole "
+                            f"number >= 1, got {bad}")
         if self.pack and self.stage != "language":
             problems.append("--pack applies to the language stage (a clip has one example in the other stages)")
         if problems:
@@ -479,6 +488,35 @@ def apply_freezing(model, cfg: TrainConfig):
 
 # --------------------------------------------------------------------------- checkpoints
 
+def batch_plan(examples: list[Example], cfg: TrainConfig):
+    """``batch_for(step, micro) -> (kind, examples)``: which batch each micro-batch of each step trains on.
+
+    A batch holds one kind of input ('video', 'image' or 'text'). The kinds take turns, each as many times per
+    turn as ``cfg.input_weights`` gives it (once by default), and each kind goes through its own examples in
+    epochs, shuffled by ``cfg.seed``. The batch is a function of the position alone, so a resumed run trains on
+    exactly what an uninterrupted one would.
+    """
+    kinds = [(k, [e for e in examples if e.media == m]) for k, m in zip(INPUT_KINDS, ("video", "image", None))]
+    kinds = [(k, pool) for k, pool in kinds if pool]
+    cycle = [n for n, (k, _) in enumerate(kinds) for _ in range(cfg.input_weights.get(k, 1))]
+    orders: list[list[np.ndarray]] = [[] for _ in kinds]
+    rngs = [np.random.default_rng([cfg.seed, 7, n]) for n in range(len(kinds))]
+
+    def batch_for(step: int, micro: int) -> tuple[str, list[Example]]:
+        turn, slot = divmod(step * cfg.grad_accum + micro, len(cycle))
+        n = cycle[slot]
+        i = turn * cycle.count(n) + cycle[:slot].count(n)  # batches of kind n before this one
+        pool = kinds[n][1]
+        per_epoch = max(1, len(pool) // cfg.batch_size)
+        epoch, j = divmod(i, per_epoch)
+        while len(orders[n]) <= epoch:
+            orders[n].append(rngs[n].permutation(len(pool)))
+        idx = orders[n][epoch][j * cfg.batch_size:(j + 1) * cfg.batch_size]
+        return kinds[n][0], [pool[m] for m in idx]
+
+    return batch_for
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -494,7 +532,7 @@ def read_state(out: str | Path) -> dict | None:
 # what a run is: resuming with any of these changed would mix two runs in one checkpoint
 RUN_FIELDS = ("stage", "model", "shards", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup",
               "weight_decay", "frames", "max_samples", "seed", "lora", "lora_rank", "temporal_adapter",
-              "task_weights", "pack")
+              "task_weights", "pack", "input_weights")
 
 
 def config_changes(state: dict, cfg: TrainConfig, fields: tuple[str, ...] = RUN_FIELDS) -> list[str]:
@@ -638,25 +676,12 @@ def train(cfg: TrainConfig, progress: bool = True,
     if not examples:
         raise ValueError(f"no training example in {cfg.shards} for stage {cfg.stage!r}: {report}")
     pad_id = processor.tokenizer.pad_token_id
-    # a batch holds one kind of input (video, image or text); kinds take turns, each with its own epochs
-    pools = [[e for e in examples if e.media == kind] for kind in ("video", "image", None)]
-    pools = [p for p in pools if p]
-    orders: list[list[np.ndarray]] = [[] for _ in pools]
-    rngs = [np.random.default_rng([cfg.seed, 7, k]) for k in range(len(pools))]
-
-    def batch_for(step: int, micro: int) -> list[Example]:
-        i = step * cfg.grad_accum + micro  # the data position is a function of the step: resume sees the same
-        k, i = i % len(pools), i // len(pools)
-        per_epoch = max(1, len(pools[k]) // cfg.batch_size)
-        epoch, j = divmod(i, per_epoch)
-        while len(orders[k]) <= epoch:
-            orders[k].append(rngs[k].permutation(len(pools[k])))
-        idx = orders[k][epoch][j * cfg.batch_size:(j + 1) * cfg.batch_size]
-        return [pools[k][n] for n in idx]
+    batch_for = batch_plan(examples, cfg)
 
     metrics_path = out / "metrics.jsonl"
     out.mkdir(parents=True, exist_ok=True)
     t0, last_loss = time.perf_counter(), float("nan")
+    window: dict[str, list[float]] = {}  # per input kind, the losses of the batches since the last metrics line
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", disable=not progress)
     for step in range(start, cfg.steps):
         for g in optimizer.param_groups:
@@ -664,10 +689,12 @@ def train(cfg: TrainConfig, progress: bool = True,
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            inputs = _to(collate(batch_for(step, micro), pad_id), device)
+            kind, batch = batch_for(step, micro)
+            inputs = _to(collate(batch, pad_id), device)
             loss = answer_loss(model, inputs) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.item()
+            window.setdefault(kind, []).append(loss.item() * cfg.grad_accum)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         last_loss = loss_sum
@@ -676,8 +703,11 @@ def train(cfg: TrainConfig, progress: bool = True,
         bar.update(1)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             with open(metrics_path, "a") as f:
+                by_kind = {k: round(sum(v) / len(v), 5) for k, v in window.items()}  # batches since the last line
                 f.write(json.dumps({"stage": cfg.stage, "step": step + 1, "loss": round(last_loss, 5),
-                                    "lr": _lr_at(step, cfg), "elapsed_s": round(elapsed, 2)}) + "\n")
+                                    "loss_by_input": by_kind, "lr": _lr_at(step, cfg),
+                                    "elapsed_s": round(elapsed, 2)}) + "\n")
+            window = {}
         if cfg.stop_at and step + 1 == cfg.stop_at and step + 1 < cfg.steps:
             save_checkpoint(model, processor, optimizer, cfg, step + 1, out, report, source_id)
             bar.close()

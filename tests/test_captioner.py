@@ -467,3 +467,38 @@ def test_packed_pairs_give_the_loss_and_gradients_of_the_pairs_apart(tiny_dir, t
     assert summary["step"] == 3 and summary["sequences"] == report["samples"]
     with pytest.raises(ValueError, match="--pack applies to the language stage"):
         TrainConfig(**{**kw, "stage": "visual"}, pack=True)
+
+
+def test_input_weights_set_how_often_each_kind_of_batch_comes_and_every_example_still_comes_once_per_epoch():
+    from collections import Counter
+
+    from captioner.train import Example, TrainConfig, batch_plan, config_changes
+
+    def ex(media, n):
+        return Example(input_ids=torch.tensor([n]), labels=torch.tensor([n]), mm_token_type_ids=torch.tensor([0]),
+                       media=media)
+
+    examples = [ex("image", n) for n in range(8)] + [ex(None, 100 + n) for n in range(12)]
+    kw = dict(stage="image", model="m", shards="s", out="o", batch_size=2)
+    plan = batch_plan(examples, TrainConfig(input_weights={"image": 3}, **kw))
+    batches = [plan(step, 0) for step in range(16)]
+    assert [k for k, _ in batches[:8]] == ["image"] * 3 + ["text"] + ["image"] * 3 + ["text"]
+    assert Counter(k for k, _ in batches) == {"image": 12, "text": 4}
+    images = [int(e.input_ids) for k, b in batches if k == "image" for e in b]
+    assert sorted(images[:8]) == list(range(8)) and sorted(images[8:16]) == list(range(8))  # epochs of 4 batches
+    again = batch_plan(examples, TrainConfig(input_weights={"image": 3}, **kw))  # a resumed run: same batches
+    assert [[int(e.input_ids) for e in again(s, 0)[1]] for s in (15, 3)] == \
+        [[int(e.input_ids) for e in batches[s][1]] for s in (15, 3)]
+    # the default alternates, as every run before input_weights did
+    assert [k for k, _ in (batch_plan(examples, TrainConfig(**kw))(s, 0) for s in range(4))] == ["image", "text"] * 2
+    with pytest.raises(ValueError, match="--input-weight"):
+        TrainConfig(input_weights={"frames": 2}, **kw)
+    with pytest.raises(ValueError, match="--input-weight"):
+        TrainConfig(input_weights={"image": 0}, **kw)
+    assert config_changes({"config": {**TrainConfig(**kw).__dict__}}, TrainConfig(input_weights={"image": 3}, **kw)) \
+        == ["input_weights: {} -> {'image': 3}"]
+    from captioner.cli import parse_task_weights
+
+    assert parse_task_weights(["image=3"], flag="--input-weight", minimum=1) == {"image": 3}
+    with pytest.raises(ValueError, match="--input-weight 'image=0'"):
+        parse_task_weights(["image=0"], flag="--input-weight", minimum=1)
