@@ -20,12 +20,12 @@ from captioner import __version__
 
 PRESETS: dict[str, dict[str, dict]] = {
     # per stage: TrainConfig overrides. 'quick' is the demo's default (the chain in about 10 CPU-minutes);
-    # 'full' about 60. Its outcome follows how well the base names shapes (README): the image stage spends
-    # three steps in four on frames at lr 2e-3 for 20000 steps, which named the shapes of held-out frames
-    # 0.885 / 0.92 of the time on two init seeds where alternating frames and text at 1e-3 for 16000 gave 0.75
-    # to 0.88 (bench/results/captioner_base_*.json). The language stage runs on precomputed visual tokens,
-    # its data with 2000 extra two-event clips. Measured in bench/results/captioner_toy_full*.json
-    # (bench/captioner_toy.py makes the data).
+    # 'full' about 45. Its image stage spends three steps in four on frames at lr 2e-3 for 20000 steps: the
+    # base names the shapes of held-out frames 0.885 / 0.94 of the time on two init seeds, where alternating
+    # frames and text at 1e-3 for 16000 gave 0.75 to 0.88 (bench/results/captioner_base_*.json). The chain
+    # still spreads (action 0.64 / 0.86 on those seeds): stage 1 loses most of the base's shape reading. The
+    # language stage runs on precomputed visual tokens, its data with 2000 extra two-event clips. Measured in
+    # bench/results/captioner_toy_full*.json (bench/captioner_toy.py makes the data).
     "quick": {"lm": {"steps": 600, "lr": 2e-3}, "image": {"steps": 4000, "lr": 1e-3},
               "visual": {"steps": 1500, "lr": 2e-3, "frames": 4, "temporal_adapter": True},
               "language": {"steps": 2500, "lr": 2e-3, "frames": 4}},
