@@ -128,6 +128,8 @@ def main(argv=None) -> int:
     two_event = TWO_EVENT[args.preset] if args.two_event is None else args.two_event
     if two_event < 0:
         raise SystemExit(f"--two-event must be >= 0, got {two_event}")
+    if args.base and (args.init_seed or args.image_weight):
+        raise SystemExit("--base replaces the base's stages: --init-seed and --image-weight do not apply to it")
     if args.two_event_visual and not two_event:
         raise SystemExit("--two-event-visual needs two-event clips: --two-event N with N >= 1")
     work = Path(args.work) / (args.preset + ("" if args.config == "qwen2-vl-tiny" else f"-{args.config}")

@@ -92,7 +92,8 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
     if weights:
         kw["task_weights"] = weights
     inputs = dict(kw.pop("input_weights", {}))
-    inputs.update(parse_task_weights(getattr(args, "input_weight", []), flag="--input-weight", minimum=1))
+    inputs.update(parse_task_weights(getattr(args, "input_weight", []), flag="--input-weight", minimum=1,
+                                     example="image=3"))
     if inputs:
         kw["input_weights"] = inputs
     return TrainConfig(stage=stage, model=model, shards=args.shards, out=out,
@@ -102,14 +103,14 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
                        extra={"preset": args.preset}, **kw)
 
 
-def parse_task_weights(items: list[str], flag: str = "--task-weight", minimum: int = 0) -> dict[str, int]:
+def parse_task_weights(items: list[str], flag: str = "--task-weight", minimum: int = 0,
+                       example: str = "caption=2") -> dict[str, int]:
     """``--task-weight TYPE=N`` (or ``--input-weight KIND=N``) flags as {name: N}."""
     weights = {}
     for item in items:
         name, _, n = item.partition("=")
         if not name or not n.isdigit() or int(n) < minimum:
-            raise ValueError(f"{flag} {item!r}: expected NAME=N with N a whole number >= {minimum}, e.g. "
-                             f"{'image=3' if flag == '--input-weight' else 'caption=2'}")
+            raise ValueError(f"{flag} {item!r}: expected NAME=N with N a whole number >= {minimum}, e.g. {example}")
         weights[name] = int(n)
     return weights
 

@@ -486,8 +486,6 @@ def apply_freezing(model, cfg: TrainConfig):
     return model
 
 
-# --------------------------------------------------------------------------- checkpoints
-
 def batch_plan(examples: list[Example], cfg: TrainConfig):
     """``batch_for(step, micro) -> (kind, examples)``: which batch each micro-batch of each step trains on.
 
@@ -516,6 +514,8 @@ def batch_plan(examples: list[Example], cfg: TrainConfig):
 
     return batch_for
 
+
+# --------------------------------------------------------------------------- checkpoints
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
@@ -693,8 +693,9 @@ def train(cfg: TrainConfig, progress: bool = True,
             inputs = _to(collate(batch, pad_id), device)
             loss = answer_loss(model, inputs) / cfg.grad_accum
             loss.backward()
-            loss_sum += loss.item()
-            window.setdefault(kind, []).append(loss.item() * cfg.grad_accum)
+            value = loss.item()
+            loss_sum += value
+            window.setdefault(kind, []).append(value * cfg.grad_accum)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         last_loss = loss_sum
