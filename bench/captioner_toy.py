@@ -4,6 +4,7 @@ Usage: python bench/captioner_toy.py [--preset quick|full] [--work bench/work/ca
            [--config qwen2-vl-tiny] [--frames N] [--steps STAGE=N ...] [--data SPLIT=N ...] [--two-event N]
            [--two-event-visual] [--eval-large N] [--task-weight TYPE=N ...] [--batch-size STAGE=N ...]
            [--pack | --no-pack] [--init-seed N] [--image-weight N] [--base CKPT]
+           [--train-vision PARTS]
 
 Writes bench/results/captioner_toy[_full].json: per-attribute accuracy (object, colour, action,
 direction within its axis, event order, exact match; see captioner/toy_metrics.py) on the `test`
@@ -117,6 +118,8 @@ def main(argv=None) -> int:
                     "(captioner tiny --seed): one draw of the whole chain")
     ap.add_argument("--image-weight", type=int, help="image stage: image batches per text batch (captioner "
                     "pretrain-toy --input-weight image=N; default: the preset's)")
+    ap.add_argument("--train-vision", metavar="PARTS", help="visual stage: the vision side's parts that train "
+                    "(adapter, merger, tower; comma-separated; captioner adapt --train-vision)")
     ap.add_argument("--base", help="start stage 1 from this base checkpoint (e.g. one bench/captioner_base.py "
                     "trained) instead of training one: its minutes are not counted")
     ap.add_argument("--data", action="append", default=[], metavar="SPLIT=N",
@@ -139,6 +142,7 @@ def main(argv=None) -> int:
                               + (f"-init{args.init_seed}" if args.init_seed else "")
                               + (f"-imagew{args.image_weight}" if args.image_weight else "")
                               + (f"-base{Path(args.base).resolve().parent.name}" if args.base else "")
+                              + (f"-vision{args.train_vision.replace(',', '+')}" if args.train_vision else "")
                               + "".join(f"-{x.replace('=', '')}" for x in args.steps + args.data + args.task_weight)
                               + "".join(f"-batch{x.replace('=', '')}" for x in args.batch_size)
                               + "".join(f"-lr{x.replace('=', '')}" for x in args.lr)
@@ -166,6 +170,8 @@ def main(argv=None) -> int:
         preset[stage]["batch_size"] = n
     if args.pack is not None:
         preset["language"]["pack"] = args.pack
+    if args.train_vision:
+        preset["visual"]["vision_parts"] = tuple(p.strip() for p in args.train_vision.split(",") if p.strip())
     if args.image_weight:
         preset["image"]["input_weights"] = {"image": args.image_weight}
     try:

@@ -50,6 +50,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temporal-adapter", action=argparse.BooleanOptionalAction, default=None,
                    help="visual stage: add a space-time adapter on the video tokens (captioner/adapter.py); the "
                    "presets turn it on. vLLM cannot run a checkpoint that has one")
+    p.add_argument("--train-vision", metavar="PARTS", help="visual stage: the parts of the vision side that train, "
+                   "comma-separated among adapter, merger, tower (patch embedding and blocks); default: all of it. "
+                   "'adapter' keeps the image model's tower and merger as they were")
     p.add_argument("--precompute-features", action=argparse.BooleanOptionalAction, default=True,
                    help="language stage: run the frozen vision side once per clip while preparing the examples "
                    "instead of every step (same loss, faster, a few KB per clip instead of its pixels)")
@@ -87,6 +90,9 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
             kw[name] = getattr(args, name)
     if stage != "visual":
         kw.pop("temporal_adapter", None)
+        kw.pop("vision_parts", None)
+    if getattr(args, "train_vision", None):  # on another stage, TrainConfig refuses it
+        kw["vision_parts"] = tuple(p.strip() for p in args.train_vision.split(",") if p.strip())
     weights = dict(kw.pop("task_weights", {})) if stage == "language" else {}
     weights.update(parse_task_weights(getattr(args, "task_weight", [])))
     if weights:

@@ -44,6 +44,8 @@ import torch
 
 STAGES = ("lm", "image", "visual", "language")
 INPUT_KINDS = ("video", "image", "text")  # what a training batch holds (an example's media, None for text)
+# the parts of the vision side (parameter names under 'visual') the visual stage can train, and how to tell them
+VISION_PARTS = {"adapter": ".temporal_adapter.", "merger": ".merger.", "tower": None}  # tower: all the rest
 
 
 @dataclass
@@ -77,6 +79,9 @@ class TrainConfig:
     # batches of each input kind ('video', 'image', 'text') per turn of the cycle the kinds take; unnamed kinds
     # once. The image stage has image and text batches: {'image': 3} spends three steps in four on frames
     input_weights: dict = field(default_factory=dict)
+    # visual stage: which parts of the vision side train (`VISION_PARTS`); empty: all of it. ('adapter',) keeps
+    # the image model's tower and merger as they were and teaches only the temporal adapter
+    vision_parts: tuple = ()
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
     resume: bool = False
@@ -106,6 +111,14 @@ class TrainConfig:
         if bad:
             problems.append(f"--input-weight takes KIND=N with KIND one of {', '.join(INPUT_KINDS)} and N a whole "
                             f"number >= 1, got {bad}")
+        self.vision_parts = tuple(self.vision_parts)
+        if unknown := [p for p in self.vision_parts if p not in VISION_PARTS]:
+            problems.append(f"--train-vision takes parts among {', '.join(VISION_PARTS)}, got {', '.join(unknown)}")
+        elif self.vision_parts and self.stage != "visual":
+            problems.append("--train-vision applies to the visual stage (the others freeze the whole vision side "
+                            "or train all of it)")
+        elif "adapter" in self.vision_parts and not self.temporal_adapter:
+            problems.append("--train-vision adapter needs --temporal-adapter")
         if self.pack and self.stage != "language":
             problems.append("--pack applies to the language stage (a clip has one example in the other stages)")
         if problems:
@@ -456,11 +469,21 @@ def _pair_mask(model, seg: torch.Tensor) -> dict:
 
 # --------------------------------------------------------------------------- freezing
 
-def trainable_mask(name: str, stage: str) -> bool:
-    """Whether parameter ``name`` trains in ``stage`` (vision side = the names under 'visual')."""
-    visual = ".visual." in f".{name}"
+def vision_part(name: str) -> str | None:
+    """The `VISION_PARTS` key of parameter ``name``, None outside the vision side (the names under 'visual')."""
+    name = f".{name}"
+    if ".visual." not in name:
+        return None
+    return next((part for part, marker in VISION_PARTS.items() if marker and marker in name), "tower")
+
+
+def trainable_mask(name: str, stage: str, vision_parts: tuple = ()) -> bool:
+    """Whether parameter ``name`` trains in ``stage``; in the visual stage, only ``vision_parts`` of the vision
+    side where given (all of it by default)."""
+    part = vision_part(name)
     if stage == "visual":
-        return visual
+        return part is not None and (not vision_parts or part in vision_parts)
+    visual = part is not None
     if stage in ("language", "lm"):
         return not visual
     return True
@@ -474,15 +497,16 @@ def apply_freezing(model, cfg: TrainConfig):
         except ImportError:
             raise ImportError("--lora needs peft: pip install 'pseudocap[lora]'") from None
         linear = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-                  and trainable_mask(n + ".weight", cfg.stage) and "lm_head" not in n and "temporal_adapter" not in n}
+                  and trainable_mask(n + ".weight", cfg.stage, cfg.vision_parts)
+                  and "lm_head" not in n and "temporal_adapter" not in n}
         model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
                                                  target_modules=sorted(linear)))
         for name, p in model.named_parameters():  # the adapter is small: it trains whole, never through LoRA
             if "temporal_adapter" in name:
-                p.requires_grad_(trainable_mask(name, cfg.stage))
+                p.requires_grad_(trainable_mask(name, cfg.stage, cfg.vision_parts))
         return model
     for name, p in model.named_parameters():
-        p.requires_grad_(trainable_mask(name, cfg.stage))
+        p.requires_grad_(trainable_mask(name, cfg.stage, cfg.vision_parts))
     return model
 
 
@@ -532,7 +556,7 @@ def read_state(out: str | Path) -> dict | None:
 # what a run is: resuming with any of these changed would mix two runs in one checkpoint
 RUN_FIELDS = ("stage", "model", "shards", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup",
               "weight_decay", "frames", "max_samples", "seed", "lora", "lora_rank", "temporal_adapter",
-              "task_weights", "pack", "input_weights")
+              "task_weights", "pack", "input_weights", "vision_parts")
 
 
 def config_changes(state: dict, cfg: TrainConfig, fields: tuple[str, ...] = RUN_FIELDS) -> list[str]:
@@ -580,6 +604,8 @@ def _canonical(name: str, value, base: str | None = None):
         return real(value)
     if name == "shards":
         return [real(u) for u in braceexpand.braceexpand(str(value))]
+    if name == "vision_parts":  # a list once saved as JSON
+        return tuple(value)
     return value
 
 

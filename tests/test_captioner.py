@@ -197,6 +197,33 @@ def test_adaptation_stages_freeze_the_other_side(tiny_dir, toy, tmp_path, stage,
     assert any(moves in k for k in changed)
 
 
+def test_visual_stage_can_train_the_adapter_alone_or_with_the_merger(tiny_dir, toy, tmp_path):
+    from safetensors.torch import load_file
+
+    from captioner.adapter import WEIGHTS_FILE
+    from captioner.train import TrainConfig, train
+
+    def run(parts):
+        out = tmp_path / "+".join(parts)
+        train(TrainConfig(stage="visual", model=str(tiny_dir), shards=str(toy / "adapt-*.tar"), out=str(out),
+                          steps=3, batch_size=4, frames=4, warmup=1, lr=1e-2, temporal_adapter=True,
+                          vision_parts=parts), progress=False)
+        before, after = _params(tiny_dir), _params(out)
+        return {k for k in before if not torch.equal(before[k], after[k])}, load_file(str(out / WEIGHTS_FILE))
+
+    changed, adapter = run(("adapter",))
+    assert not changed  # the image model's tower and merger exactly as they were
+    assert adapter["up.weight"].abs().sum() > 0  # and the adapter trained
+    changed, _ = run(("adapter", "merger"))
+    assert changed and all(".visual.merger." in f".{k}" for k in changed), sorted(changed)[:5]
+    with pytest.raises(ValueError, match="--train-vision takes parts among adapter, merger, tower, got blocks"):
+        TrainConfig(stage="visual", model="m", shards="s", out="o", vision_parts=("blocks",))
+    with pytest.raises(ValueError, match="--train-vision applies to the visual stage"):
+        TrainConfig(stage="language", model="m", shards="s", out="o", vision_parts=("merger",))
+    with pytest.raises(ValueError, match="--train-vision adapter needs --temporal-adapter"):
+        TrainConfig(stage="visual", model="m", shards="s", out="o", vision_parts=("adapter",))
+
+
 def test_lora_adaptation_merges_into_a_plain_checkpoint(tiny_dir, toy, tmp_path):
     pytest.importorskip("peft")
     from captioner.train import TrainConfig, train
