@@ -4,7 +4,7 @@ Usage: python bench/captioner_toy.py [--preset quick|full] [--work bench/work/ca
            [--config qwen2-vl-tiny] [--frames N] [--steps STAGE=N ...] [--data SPLIT=N ...] [--two-event N]
            [--two-event-visual] [--eval-large N] [--task-weight TYPE=N ...] [--batch-size STAGE=N ...]
            [--pack | --no-pack] [--init-seed N] [--image-weight N] [--base CKPT]
-           [--train-vision PARTS]
+           [--train-vision PARTS] [--rehearse N]
 
 Writes bench/results/captioner_toy[_full].json: per-attribute accuracy (object, colour, action,
 direction within its axis, event order, exact match; see captioner/toy_metrics.py) on the `test`
@@ -120,6 +120,9 @@ def main(argv=None) -> int:
                     "pretrain-toy --input-weight image=N; default: the preset's)")
     ap.add_argument("--train-vision", metavar="PARTS", help="visual stage: the vision side's parts that train "
                     "(adapter, merger, tower; comma-separated; captioner adapt --train-vision)")
+    ap.add_argument("--rehearse", type=int, metavar="N", help="visual stage: also train on the pretrain split's "
+                    "still frames (the base's own), one image batch per N video batches, so stage 1 keeps the "
+                    "image path it starts from (captioner adapt --shards '{ADAPT,PRETRAIN}' --input-weight video=N)")
     ap.add_argument("--base", help="start stage 1 from this base checkpoint (e.g. one bench/captioner_base.py "
                     "trained) instead of training one: its minutes are not counted")
     ap.add_argument("--data", action="append", default=[], metavar="SPLIT=N",
@@ -143,6 +146,7 @@ def main(argv=None) -> int:
                               + (f"-imagew{args.image_weight}" if args.image_weight else "")
                               + (f"-base{Path(args.base).resolve().parent.name}" if args.base else "")
                               + (f"-vision{args.train_vision.replace(',', '+')}" if args.train_vision else "")
+                              + (f"-rehearse{args.rehearse}" if args.rehearse else "")
                               + "".join(f"-{x.replace('=', '')}" for x in args.steps + args.data + args.task_weight)
                               + "".join(f"-batch{x.replace('=', '')}" for x in args.batch_size)
                               + "".join(f"-lr{x.replace('=', '')}" for x in args.lr)
@@ -194,6 +198,9 @@ def main(argv=None) -> int:
         language_adapt = "{" + adapt + "," + str(extra / "adapt-*.tar") + "}"
         if args.two_event_visual:
             adapt = language_adapt
+    if args.rehearse:
+        adapt = "{" + adapt + "," + str(data / "pretrain-*.tar") + "}"
+        preset["visual"]["input_weights"] = {"video": args.rehearse}
     frames = preset["visual"].get("frames", 8)
     test = load_eval_clips(str(data / "test-*.tar"), frames=frames, limit=args.eval_n)
     comp = load_eval_clips(str(data / "compositional-*.tar"), frames=frames, limit=args.eval_n)

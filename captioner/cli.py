@@ -301,7 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "captioning included), vision side frozen.")
     p.add_argument("--stage", required=True, choices=["visual", "language"])
     p.add_argument("--model", required=True)
-    p.add_argument("--shards", required=True)
+    p.add_argument("--shards", required=True, help="video clips with gt.txt (visual) or qa.json (language). In the "
+                   "visual stage, samples with a still image instead of a video (the base's pretrain frames: "
+                   "'{adapt-*.tar,pretrain-*.tar}') train as image batches, a rehearsal of the image path; "
+                   "--input-weight video=N sets the mix")
     p.add_argument("--out", required=True)
     _train_args(p)
     p.set_defaults(func=_adapt)

@@ -228,8 +228,9 @@ def pack_pairs(examples: list[Example]) -> list[Example]:
 def _texts_for(stage: str, sample: dict, task_weights: dict | None = None) -> list[tuple[str | None, str, str]]:
     """(media, question, answer) triples a sample gives for a stage; in the language stage each instruction pair
     as many times as ``task_weights`` gives its type (once by default)."""
-    from engine.shards import read_json, read_text
+    from data_specs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
     from data_specs.prompts import get_prompt
+    from engine.shards import read_json, read_text
 
     video_q, image_q = get_prompt("caption-video-v1").text, get_prompt("caption-frame-v1").text
     if stage == "lm":
@@ -239,8 +240,10 @@ def _texts_for(stage: str, sample: dict, task_weights: dict | None = None) -> li
     if stage == "image":  # text-only sentences keep the language model's video-caption language alive
         lm = read_text(sample, "lm.txt")
         return [("image", image_q, read_text(sample, "gt.txt"))] + ([(None, video_q, lm)] if lm else [])
-    if stage == "visual":
-        return [("video", video_q, read_text(sample, "gt.txt"))]
+    if stage == "visual":  # a still frame among the clips (the base's own, say) rehearses the image path
+        still = not any(e in sample for e in VIDEO_EXTENSIONS) and any(e in sample for e in IMAGE_EXTENSIONS)
+        return [("image", image_q, read_text(sample, "gt.txt")) if still
+                else ("video", video_q, read_text(sample, "gt.txt"))]
     weights = task_weights or {}
     return [("video", qa["question"], qa["answer"]) for qa in read_json(sample, "qa.json") or []
             for _ in range(weights.get(qa.get("type"), 1))]

@@ -224,6 +224,31 @@ def test_visual_stage_can_train_the_adapter_alone_or_with_the_merger(tiny_dir, t
         TrainConfig(stage="visual", model="m", shards="s", out="o", vision_parts=("adapter",))
 
 
+def test_visual_stage_rehearses_still_frames_given_with_the_clips(tiny_dir, toy):
+    from collections import Counter
+
+    from transformers import AutoProcessor
+
+    from captioner.train import TrainConfig, batch_plan, build_examples
+    from engine.shards import read_samples, read_text
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    shards = "{%s,%s}" % (toy / "adapt-*.tar", toy / "pretrain-*.tar")  # clips, and the base's still frames
+    cfg = TrainConfig(stage="visual", model=str(tiny_dir), shards=shards, out="unused", frames=4, batch_size=4,
+                      input_weights={"video": 3})
+    examples, report = build_examples(cfg, processor, progress=False)
+    assert Counter(e.media for e in examples) == {"video": 24, "image": 48} and report["samples"] == 72
+    frame_q = processor.tokenizer(FRAME.text, add_special_tokens=False)["input_ids"]
+    still = next(e for e in examples if e.media == "image")
+    ids = still.input_ids.tolist()
+    assert any(ids[i:i + len(frame_q)] == frame_q for i in range(len(ids)))  # asked with the frame prompt
+    answers = {read_text(s, "gt.txt") for s in read_samples(str(toy / "pretrain-*.tar"))}
+    said = processor.tokenizer.decode(still.input_ids[still.labels != -100]).replace("<|im_end|>", "").strip()
+    assert said in answers  # and answered with the frame's static caption
+    plan = batch_plan(examples, cfg)
+    assert [plan(step, 0)[0] for step in range(8)] == ["video"] * 3 + ["image"] + ["video"] * 3 + ["image"]
+
+
 def test_lora_adaptation_merges_into_a_plain_checkpoint(tiny_dir, toy, tmp_path):
     pytest.importorskip("peft")
     from captioner.train import TrainConfig, train
