@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     if args.pack is not None:
         preset["language"]["pack"] = args.pack
     if args.train_vision:
-        preset["visual"]["vision_parts"] = tuple(p.strip() for p in args.train_vision.split(",") if p.strip())
+        preset["visual"]["vision_parts"] = args.train_vision
     if args.image_weight:
         preset["image"]["input_weights"] = {"image": args.image_weight}
     try:

@@ -92,7 +92,7 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
         kw.pop("temporal_adapter", None)
         kw.pop("vision_parts", None)
     if getattr(args, "train_vision", None):  # on another stage, TrainConfig refuses it
-        kw["vision_parts"] = tuple(p.strip() for p in args.train_vision.split(",") if p.strip())
+        kw["vision_parts"] = args.train_vision
     weights = dict(kw.pop("task_weights", {})) if stage == "language" else {}
     weights.update(parse_task_weights(getattr(args, "task_weight", [])))
     if weights:

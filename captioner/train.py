@@ -79,9 +79,9 @@ class TrainConfig:
     # batches of each input kind ('video', 'image', 'text') per turn of the cycle the kinds take; unnamed kinds
     # once. The image stage has image and text batches: {'image': 3} spends three steps in four on frames
     input_weights: dict = field(default_factory=dict)
-    # visual stage: which parts of the vision side train (`VISION_PARTS`); empty: all of it. ('adapter',) keeps
-    # the image model's tower and merger as they were and teaches only the temporal adapter
-    vision_parts: tuple = ()
+    # visual stage: which parts of the vision side train (`VISION_PARTS`, or their names comma-separated); empty:
+    # all of it. ('adapter',) keeps the image model's tower and merger as they were and teaches only the adapter
+    vision_parts: tuple | str = ()
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
     resume: bool = False
@@ -111,6 +111,8 @@ class TrainConfig:
         if bad:
             problems.append(f"--input-weight takes KIND=N with KIND one of {', '.join(INPUT_KINDS)} and N a whole "
                             f"number >= 1, got {bad}")
+        if isinstance(self.vision_parts, str):  # as the flag gives it: 'adapter,merger'
+            self.vision_parts = tuple(p.strip() for p in self.vision_parts.split(",") if p.strip())
         self.vision_parts = tuple(self.vision_parts)
         if unknown := [p for p in self.vision_parts if p not in VISION_PARTS]:
             problems.append(f"--train-vision takes parts among {', '.join(VISION_PARTS)}, got {', '.join(unknown)}")
