@@ -10,10 +10,13 @@ unpickled: decoding is left to the caller.
 
 Writing goes to a temporary name; the tar is renamed when complete, then the
 error ledger, then ``NNNNN_stats.json`` is written last as the commit marker.
+A writer holds an advisory lock on its temporary file until the rename, so a
+second process cannot write the same shard underneath it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -331,6 +334,36 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class ShardBusy(RuntimeError):
+    """Another live process is writing the shard this one was about to write."""
+
+
+def _flock(fd: int, wait: bool) -> bool:
+    """An exclusive advisory lock on ``fd``, held until it is closed; the kernel drops it when its process dies,
+    so a killed run never blocks the next. False where another holder keeps it and ``wait`` is False. Where
+    there is no flock (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def directory_lock(out_dir: str | Path) -> Iterator[None]:
+    """Waits for, then holds, an exclusive advisory lock on the directory itself (no lock file is left)."""
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        _flock(fd, wait=True)
+        yield
+    finally:
+        os.close(fd)
+
+
 class ShardWriter:
     """Writes one output shard atomically; the stats file, written last, commits it.
 
@@ -342,6 +375,10 @@ class ShardWriter:
             w.commit(stats_fields)        # rename tar, write ledger, write stats
     Leaving the block without `commit` (an exception, a kill) leaves no visible
     shard: only a hidden ``.NAME.tmp`` that the next run overwrites.
+
+    Raises:
+        ShardBusy: another live process is writing the same shard. Sharing the temporary file, the second
+            writer's truncation would land under the first, whose rename would commit a corrupt tar.
     """
 
     def __init__(self, out_dir: str | Path, name: str):
@@ -349,7 +386,13 @@ class ShardWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.out_dir / name
         self.tmp = self.out_dir / f".{name}.tmp"
-        self._file = open(self.tmp, "wb")
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT, 0o644)  # not truncated before the lock is ours
+        if not _flock(fd, wait=False):
+            os.close(fd)
+            raise ShardBusy(f"{self.path}: another process is writing this shard (it holds {self.tmp}); let it "
+                            "finish, or write to another directory")
+        os.ftruncate(fd, 0)
+        self._file = os.fdopen(fd, "wb")
         # mtime 0 and fixed owner: the same samples give byte-identical shards
         self._tar = TarWriter(self._file, encoder=False, mtime=0, user="", group="", mode=0o644)
         self.keys: list[str] = []
@@ -379,12 +422,12 @@ class ShardWriter:
         self._tar.close()
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._file.close()
         # An older marker must go first: a kill after the rename below must not leave a new tar
         # beside a stale marker that claims it (the next run would trust the wrong counts).
         stats_path(self.out_dir, self.name).unlink(missing_ok=True)
         crash_point("commit:before-rename")
         os.replace(self.tmp, self.path)
+        self._file.close()  # only now: the lock must hold until the temporary name is gone
         crash_point("commit:after-rename")
         rows = "".join(r.model_dump_json() + "\n" for r in self.errors)
         _atomic_write_bytes(ledger_path(self.out_dir, self.name), rows.encode())
@@ -405,8 +448,8 @@ class ShardWriter:
                 self._tar.close()
             except (OSError, ValueError):
                 pass
+            self.tmp.unlink(missing_ok=True)  # before the close lets the lock go
             self._file.close()
-        self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "ShardWriter":
         return self

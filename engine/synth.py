@@ -438,9 +438,20 @@ def committed(cfg: SynthConfig, out: str | Path) -> list[Path] | None:
 def synth(cfg: SynthConfig, out: str | Path, progress: bool = True) -> list[Path]:
     """Writes ``out/{split}-NNNNN.tar`` shards (plus their stats and empty ledgers).
 
+    Runs started at once into one directory take turns: the later one waits, then finds the shards an
+    identical configuration committed and reuses them.
+
     Returns:
         The shard paths written, in order.
     """
+    from engine.shards import directory_lock
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with directory_lock(out):
+        return _synth(cfg, out, progress)
+
+
+def _synth(cfg: SynthConfig, out: str | Path, progress: bool) -> list[Path]:
     import time
 
     from tqdm import tqdm

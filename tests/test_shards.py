@@ -10,7 +10,7 @@ import webdataset as wds
 from data_specs import ErrorRow, ShardStats
 from engine.errors import MemberError
 from engine.shards import (
-    ErrorCollector, ShardWriter, expand_urls, ledger_path, read_samples, read_stats, stats_path,
+    ErrorCollector, ShardBusy, ShardWriter, expand_urls, ledger_path, read_samples, read_stats, stats_path,
 )
 
 
@@ -67,6 +67,22 @@ def test_an_interrupted_writer_leaves_no_visible_shard(tmp_path):
             raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
     assert read_stats(tmp_path, "pool-00001.tar") is None
+
+
+def test_a_second_writer_of_a_shard_being_written_is_refused_and_the_first_commits_whole(tmp_path):
+    first = ShardWriter(tmp_path, "pool-00000.tar")
+    first.write({"__key__": "a", "txt": "from the first writer"})
+    with pytest.raises(ShardBusy, match="pool-00000.tar: another process is writing this shard"):
+        ShardWriter(tmp_path, "pool-00000.tar")  # its own open file: flock treats it as another process
+    first.write({"__key__": "b", "txt": "still the first"})
+    first.commit(config_hash="abc", tool="test")
+    assert [s["__key__"] for s in read_samples(str(tmp_path / "pool-00000.tar"))] == ["a", "b"]
+    _write(tmp_path, "pool-00000.tar", ["c"])  # once committed, the shard can be rewritten
+    assert [s["__key__"] for s in read_samples(str(tmp_path / "pool-00000.tar"))] == ["c"]
+    with pytest.raises(RuntimeError), ShardWriter(tmp_path, "pool-00001.tar"):
+        raise RuntimeError("killed")
+    _write(tmp_path, "pool-00001.tar", ["d"])  # an aborted writer lets go too
+    assert not list(tmp_path.glob(".*"))
 
 
 def test_writer_rejects_keys_with_dots(tmp_path):

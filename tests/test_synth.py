@@ -74,6 +74,19 @@ def test_same_arguments_give_byte_identical_shards(tmp_path):
     assert a[0].read_bytes() != other[0].read_bytes()
 
 
+def test_runs_started_at_once_into_one_directory_take_turns(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    cfg = SynthConfig(split="pool", n=12, seed=5, shard_size=4)  # two benchmarks sharing a --work directory
+    with ThreadPoolExecutor(2) as ex:  # flock holds threads apart as it does processes (one open file each)
+        a, b = ex.map(lambda _: synth(cfg, tmp_path / "shared", progress=False), range(2))
+    alone = synth(cfg, tmp_path / "alone", progress=False)
+    assert a == b and [p.name for p in a] == [p.name for p in alone]
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, alone))  # whole shards, nothing interleaved
+    assert all(read_stats(tmp_path / "shared", p.name).n_ok == 4 for p in a)
+    assert not list((tmp_path / "shared").glob(".*"))
+
+
 def test_shards_hold_the_contract_members(toy_test_shards):
     cfg, out, paths = toy_test_shards
     samples = list(read_samples([str(p) for p in paths]))
