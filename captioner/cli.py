@@ -20,18 +20,21 @@ from captioner import __version__
 
 PRESETS: dict[str, dict[str, dict]] = {
     # per stage: TrainConfig overrides. 'quick' is the demo's default (the chain in about 10 CPU-minutes);
-    # 'full' about 45. Its image stage spends three steps in four on frames at lr 2e-3 for 20000 steps: the
+    # 'full' about 50. Its image stage spends three steps in four on frames at lr 2e-3 for 20000 steps: the
     # base names the shapes of held-out frames 0.885 / 0.94 of the time on two init seeds, where alternating
-    # frames and text at 1e-3 for 16000 gave 0.75 to 0.88 (bench/results/captioner_base_*.json). The chain
-    # still spreads (action 0.64 / 0.86 on those seeds): stage 1 loses most of the base's shape reading. The
-    # language stage runs on precomputed visual tokens, its data with 2000 extra two-event clips. Measured in
+    # frames and text at 1e-3 for 16000 gave 0.75 to 0.88 (bench/results/captioner_base_*.json). Stage 1 on
+    # clips alone lost most of that (0.565 / 0.545) and the chain spread (action 0.675 / 0.874 on 1000 test
+    # clips): given the base's still frames too, one batch in four (video=3 mixes clips and frames when the
+    # shards hold both), it keeps it and the two draws end at 0.830 / 0.821. The language stage runs on
+    # precomputed visual tokens, its data with 2000 extra two-event clips. Measured in
     # bench/results/captioner_toy_full*.json (bench/captioner_toy.py makes the data).
     "quick": {"lm": {"steps": 600, "lr": 2e-3}, "image": {"steps": 4000, "lr": 1e-3},
               "visual": {"steps": 1500, "lr": 2e-3, "frames": 4, "temporal_adapter": True},
               "language": {"steps": 2500, "lr": 2e-3, "frames": 4}},
     "full": {"lm": {"steps": 1500, "lr": 2e-3},
              "image": {"steps": 20000, "lr": 2e-3, "input_weights": {"image": 3}},
-             "visual": {"steps": 6000, "lr": 2e-3, "frames": 4, "temporal_adapter": True},
+             "visual": {"steps": 8000, "lr": 2e-3, "frames": 4, "temporal_adapter": True,
+                        "input_weights": {"video": 3}},
              "language": {"steps": 30000, "lr": 2e-3, "frames": 4}},
 }
 
