@@ -140,6 +140,8 @@ def main(argv=None) -> int:
     rehearse = REHEARSE[args.preset] if args.rehearse is None else args.rehearse
     if rehearse < 0:
         raise SystemExit(f"--rehearse must be >= 0, got {rehearse}")
+    if rehearse and args.train_vision == "adapter":
+        raise SystemExit("--train-vision adapter leaves the still frames nothing to train: add --rehearse 0")
     if two_event < 0:
         raise SystemExit(f"--two-event must be >= 0, got {two_event}")
     if args.base and (args.init_seed or args.image_weight):

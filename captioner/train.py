@@ -706,6 +706,10 @@ def train(cfg: TrainConfig, progress: bool = True,
     report["visual_features"] = "precomputed" if frozen_vision else "per step"
     if not examples:
         raise ValueError(f"no training example in {cfg.shards} for stage {cfg.stage!r}: {report}")
+    if cfg.vision_parts == ("adapter",) and any(e.media == "image" for e in examples):
+        raise ValueError(f"{cfg.shards} holds still frames, which the visual stage trains through the tower and "
+                         "merger; --train-vision adapter freezes both (the adapter sees only video): leave the "
+                         "frames out of --shards, or train the merger or tower too")
     pad_id = processor.tokenizer.pad_token_id
     batch_for = batch_plan(examples, cfg)
 

@@ -214,6 +214,10 @@ def test_visual_stage_can_train_the_adapter_alone_or_with_the_merger(tiny_dir, t
     changed, adapter = run(("adapter",))
     assert not changed  # the image model's tower and merger exactly as they were
     assert adapter["up.weight"].abs().sum() > 0  # and the adapter trained
+    with pytest.raises(ValueError, match="holds still frames.*--train-vision adapter freezes both"):
+        train(TrainConfig(stage="visual", model=str(tiny_dir), shards="{%s,%s}" % (toy / "adapt-*.tar",
+                          toy / "pretrain-*.tar"), out=str(tmp_path / "frames"), steps=1, frames=4,
+                          temporal_adapter=True, vision_parts="adapter"), progress=False)
     changed, _ = run("adapter,merger")  # as --train-vision gives it
     assert changed and all(".visual.merger." in f".{k}" for k in changed), sorted(changed)[:5]
     with pytest.raises(ValueError, match="--train-vision takes parts among adapter, merger, tower, got blocks"):
