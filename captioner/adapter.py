@@ -69,6 +69,16 @@ class TemporalAdapter(nn.Module):
         x = self.act(self.conv(x))[0].permute(1, 2, 3, 0).reshape(t * h * w, -1)
         return tokens + self.up(x)
 
+    def forward_many(self, tokens: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """`forward` of several videos; those of one grid in one call (a batch of same-size clips: one)."""
+        if len(set(grids)) != 1 or len(tokens) < 2:
+            return [self(x, g) for x, g in zip(tokens, grids)]
+        (t, h, w), n = grids[0], len(tokens)
+        stacked = torch.stack(tokens)  # [videos, t*h*w, dim]
+        x = self.down(stacked).reshape(n, t, h, w, -1).permute(0, 4, 1, 2, 3)
+        x = self.act(self.conv(x)).permute(0, 2, 3, 4, 1).reshape(n, t * h * w, -1)
+        return list((stacked + self.up(x)).unbind(0))
+
 
 def _visual(model):
     """The vision tower (``model.model.visual`` in the generation model), or None."""
@@ -99,7 +109,7 @@ def attach_adapter(model, cfg: AdapterConfig | None = None) -> TemporalAdapter:
     def get_video_features(pixel_values_videos, video_grid_thw=None, **kwargs):
         out = plain(pixel_values_videos, video_grid_thw, **kwargs)
         grids = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in video_grid_thw.tolist()]
-        out.pooler_output = tuple(adapter(x, g) for x, g in zip(out.pooler_output, grids))
+        out.pooler_output = tuple(adapter.forward_many(list(out.pooler_output), grids))
         return out
 
     core.get_video_features = get_video_features

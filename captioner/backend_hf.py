@@ -58,6 +58,9 @@ class HFCaptioner(Captioner):
                 from captioner.adapter import load_adapter
 
                 load_adapter(self.model, model)  # pseudocap's temporal adapter, when the checkpoint has one
+        from captioner.fast_vision import speed_up_vision
+
+        speed_up_vision(self.model)  # the same tower, batched where transformers loops without flash attention
         self.model.to(self.device).eval()
         text_cfg = getattr(self.model.config, "text_config", self.model.config)
         self.context_length = int(getattr(text_cfg, "max_position_embeddings", 4096))

@@ -659,6 +659,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from captioner.adapter import attach_adapter, load_adapter
+    from captioner.fast_vision import speed_up_vision
 
     out = Path(cfg.out)
     state = read_state(out) if cfg.resume else None
@@ -678,6 +679,7 @@ def train(cfg: TrainConfig, progress: bool = True,
         load_adapter(model, source)
     if cfg.temporal_adapter and cfg.stage == "visual":
         attach_adapter(model)  # a new one starts as the identity: the image model, unchanged
+    speed_up_vision(model)  # the same tower, batched where transformers loops (captioner.fast_vision)
     model = apply_freezing(model, cfg).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]

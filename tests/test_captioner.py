@@ -273,6 +273,7 @@ def test_new_temporal_adapter_is_the_identity_and_sees_only_video(tiny_dir, clip
     from transformers import AutoModelForImageTextToText
 
     from captioner.adapter import adapter_of, attach_adapter
+    from captioner.fast_vision import speed_up_vision
 
     cap = load_captioner(str(tiny_dir), device="cpu")
     enc = cap.inputs([Budgeted(clips[0], clips[0].frames, 0)], VIDEO)
@@ -285,6 +286,7 @@ def test_new_temporal_adapter_is_the_identity_and_sees_only_video(tiny_dir, clip
         assert not torch.allclose(cap.model(**enc).logits, plain)
         img = cap.inputs([Budgeted(clips[0], clips[0].frames[:1], 0)], FRAME)
         fresh = AutoModelForImageTextToText.from_pretrained(tiny_dir).eval()
+        speed_up_vision(fresh)  # as load_captioner's model: the same code path, so the same bits
         assert torch.equal(cap.model(**img).logits, fresh(**img).logits)  # images never pass through it
 
 
@@ -558,3 +560,46 @@ def test_input_weights_set_how_often_each_kind_of_batch_comes_and_every_example_
     assert parse_task_weights(["image=3"], flag="--input-weight", minimum=1) == {"image": 3}
     with pytest.raises(ValueError, match="--input-weight 'image=0'"):
         parse_task_weights(["image=0"], flag="--input-weight", minimum=1)
+
+
+def test_sped_up_vision_tower_computes_what_transformers_does_with_the_same_parameters(tiny_dir, clips):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from captioner.adapter import adapter_of, attach_adapter
+    from captioner.fast_vision import speed_up_vision
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    plain, fast = (AutoModelForImageTextToText.from_pretrained(tiny_dir).train() for _ in range(2))
+    for m in (plain, fast):
+        attach_adapter(m)
+    with torch.no_grad():  # an adapter that does something, the same in both
+        for p in adapter_of(plain).parameters():
+            p.normal_(std=0.2)
+    fast.load_state_dict(plain.state_dict())
+    keys = list(fast.state_dict())
+    assert speed_up_vision(fast) == 1 + fast.config.vision_config.depth  # the patch embedding and each block
+    assert speed_up_vision(fast) == 0 and list(fast.state_dict()) == keys  # idempotent; parameters as they were
+
+    def features(model, frames_per_clip):  # one batch of clips through the vision side and the adapter
+        enc = processor.video_processor(videos=frames_per_clip, return_tensors="pt", do_sample_frames=False)
+        return model.model.get_video_features(enc["pixel_values_videos"], enc["video_grid_thw"],
+                                              return_dict=True).pooler_output
+
+    same_size = [c.frames[:4] for c in clips[:3]]  # every slice one length: the batched path
+    mixed = [clips[0].frames[:4], clips[1].frames[:2, :56, :56]]  # slices of two lengths: transformers' loop
+    for batch in (same_size, mixed):
+        a, b = features(plain, batch), features(fast, batch)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-4 * float(x.detach().abs().max()))
+        sum(x.square().mean() for x in a).backward()
+        sum(y.square().mean() for y in b).backward()
+        for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-3 * float(p.grad.abs().max()),
+                                           msg=lambda m, name=name: f"{name}: {m}")
+                p.grad = q.grad = None
+    image = processor.image_processor(images=[c.frames[0] for c in clips[:3]], return_tensors="pt")
+    torch.testing.assert_close(
+        torch.cat(fast.model.get_image_features(image["pixel_values"], image["image_grid_thw"]).pooler_output),
+        torch.cat(plain.model.get_image_features(image["pixel_values"], image["image_grid_thw"]).pooler_output),
+        rtol=1e-4, atol=1e-3)
