@@ -19,7 +19,7 @@ from pathlib import Path
 from captioner import __version__
 
 PRESETS: dict[str, dict[str, dict]] = {
-    # per stage: TrainConfig overrides. 'quick' is the demo's default (the chain in about 10 CPU-minutes);
+    # per stage: TrainConfig overrides. 'quick' is the demo's default (the chain in about 6 CPU-minutes);
     # 'full' about 50. Its image stage spends three steps in four on frames at lr 2e-3 for 20000 steps: the
     # base names the shapes of held-out frames 0.885 / 0.94 of the time on two init seeds, where alternating
     # frames and text at 1e-3 for 16000 gave 0.75 to 0.88 (bench/results/captioner_base_*.json). Stage 1 on
