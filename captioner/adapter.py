@@ -62,22 +62,20 @@ class TemporalAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
-        """tokens: [t*h*w, dim] of one video in (time, row, column) order; grid: merged (t, h, w)."""
+        """tokens: [t*h*w, dim] of one video in (time, row, column) order, or [videos, t*h*w, dim] of several
+        of that one grid; grid: merged (t, h, w)."""
         t, h, w = grid
+        x = tokens if tokens.dim() == 3 else tokens[None]
         # what changed where: neighbouring slices and neighbouring tokens in one kernel
-        x = self.down(tokens).reshape(t, h, w, -1).permute(3, 0, 1, 2)[None]
-        x = self.act(self.conv(x))[0].permute(1, 2, 3, 0).reshape(t * h * w, -1)
-        return tokens + self.up(x)
+        y = self.down(x).reshape(len(x), t, h, w, -1).permute(0, 4, 1, 2, 3)
+        y = self.act(self.conv(y)).permute(0, 2, 3, 4, 1).reshape(len(x), t * h * w, -1)
+        return (x + self.up(y)).reshape(tokens.shape)
 
     def forward_many(self, tokens: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
         """`forward` of several videos; those of one grid in one call (a batch of same-size clips: one)."""
-        if len(set(grids)) != 1 or len(tokens) < 2:
-            return [self(x, g) for x, g in zip(tokens, grids)]
-        (t, h, w), n = grids[0], len(tokens)
-        stacked = torch.stack(tokens)  # [videos, t*h*w, dim]
-        x = self.down(stacked).reshape(n, t, h, w, -1).permute(0, 4, 1, 2, 3)
-        x = self.act(self.conv(x)).permute(0, 2, 3, 4, 1).reshape(n, t * h * w, -1)
-        return list((stacked + self.up(x)).unbind(0))
+        if len(set(grids)) == 1:
+            return list(self(torch.stack(tokens), grids[0]).unbind(0))
+        return [self(x, g) for x, g in zip(tokens, grids)]
 
 
 def _visual(model):

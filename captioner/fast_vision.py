@@ -9,8 +9,8 @@ Two things in transformers' vision tower cost far more than their arithmetic on 
   a video, an image, a Qwen2.5-VL window) in a Python loop: a batch of 16 eight-frame clips makes
   64 small calls per layer, forward and backward.
 
-`speed_up_vision(model)` gives the patch embedding a matrix-product forward (the same weights,
-the same sum in the same order: the same output) and the attention one batched call where all
+`speed_up_vision(model)` gives the patch embedding a matrix-product forward (the same weights and
+the same sum, up to float rounding) and the attention one batched call where all
 slices of a forward pass have the same length (the toy world's clips and frames, and real videos
 of one size); slices of different lengths still go one by one, as transformers runs them. The
 parameters, their names and the checkpoint on disk are unchanged. The temporal adapter
@@ -85,8 +85,9 @@ def speed_up_vision(model) -> int:
         name = type(module).__name__
         if "forward" in module.__dict__:
             continue  # already sped up (or given a forward by someone else: left as it is)
-        if name in PATCH_EMBEDS and isinstance(getattr(module, "proj", None), nn.Conv3d) \
-                and tuple(module.proj.kernel_size) == tuple(module.proj.stride) and module.proj.padding in (0, (0, 0, 0)):
+        proj = getattr(module, "proj", None)
+        if name in PATCH_EMBEDS and isinstance(proj, nn.Conv3d) and tuple(proj.kernel_size) == tuple(proj.stride) \
+                and not any(proj.padding):
             module.forward = types.MethodType(_patch_embed_forward, module)
             changed += 1
         elif name in VISION_ATTENTIONS and hasattr(module, "qkv") and not _uses_flash_attention(module):
