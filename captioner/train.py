@@ -11,7 +11,8 @@ Stages (what trains, what stays frozen):
     language  instruction pairs (qa.json, captioning included): the language model; vision side frozen
 
 Processor outputs are computed once per clip and kept in memory (a clip's pixels
-are shared by all its instruction pairs). Where the vision side is frozen (the
+are shared by all its instruction pairs), as the 8-bit values they were computed from
+where that is lossless (`PixelCodec`: a quarter of float32), else in bf16. Where the vision side is frozen (the
 language stage), it runs once per clip while the examples are prepared and only
 its output tokens are kept (``precompute_features``): about 1.6x faster steps
 for the tiny toy model and a few KB per clip instead of its pixels; the loss is
@@ -129,6 +130,52 @@ class TrainConfig:
 
 # --------------------------------------------------------------------------- examples
 
+class PixelCodec:
+    """A processor's pixel values as the 8-bit values they came from, and back.
+
+    An image processor that only rescales (1/255) and normalises (per-channel mean and std)
+    makes each value an affine function of one 8-bit pixel value, per channel: the channels
+    are the leading axis of every row (Qwen2-VL's [patches, channels x time x rows x columns])
+    or of every image ([images, channels, rows, columns]). `encode` keeps those codes, a
+    quarter of the float32 output, where they reproduce it to 1e-5 (transformers' Qwen2-VL
+    processors resize 8-bit frames in 8 bits, so their output always is; float frames or
+    another normalisation give values that are not codes, and None); `decode` gives the
+    float32 values back.
+    """
+
+    def __init__(self, sub_processor):
+        mean = getattr(sub_processor, "image_mean", None) if getattr(sub_processor, "do_normalize", False) else None
+        std = getattr(sub_processor, "image_std", None) if getattr(sub_processor, "do_normalize", False) else None
+        factor = float(sub_processor.rescale_factor) if getattr(sub_processor, "do_rescale", False) else 1.0
+        channels = len(mean) if mean is not None else 3
+        self.channels = channels
+        # value = code * scale + shift, per channel
+        self.scale = torch.tensor([factor / s for s in std] if std is not None else [factor] * channels)
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)] if mean is not None else [0.0] * channels)
+
+    def _per_channel(self, x: torch.Tensor) -> torch.Tensor | None:
+        if x.dim() < 2 or x[0].numel() % self.channels:
+            return None
+        return x.reshape(len(x), self.channels, -1)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        """uint8 codes of ``pixels`` (shape kept), or None where they would not give the values back."""
+        x = self._per_channel(pixels.float())
+        if x is None:
+            return None
+        codes = ((x - self.shift[:, None]) / self.scale[:, None]).round_()
+        if codes.min() < 0 or codes.max() > 255:
+            return None
+        codes = codes.to(torch.uint8).reshape(pixels.shape)
+        if (self.decode(codes) - pixels.float()).abs().max() > 1e-5:
+            return None
+        return codes
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        x = self._per_channel(codes).float()
+        return (x * self.scale[:, None] + self.shift[:, None]).reshape(codes.shape)
+
+
 @dataclass
 class Example:
     """One training sequence: token ids with the answer supervised, and the clip's pixels (shared)
@@ -138,13 +185,18 @@ class Example:
     labels: torch.Tensor
     mm_token_type_ids: torch.Tensor
     media: str | None = None  # 'video', 'image' or None
-    pixels: torch.Tensor | None = None
+    pixels: torch.Tensor | None = None  # float, or uint8 codes that ``codec`` turns back into the float values
     grid_thw: torch.Tensor | None = None
     features: torch.Tensor | None = None  # [visual tokens, hidden]: the frozen vision side's output
     position_ids: torch.Tensor | None = None  # [3, len]: M-RoPE positions (temporal, height, width), computed once
     # packed pairs (`pack_pairs`): 0 for the shared prefix, k for the tokens of pair k; None: one plain sequence
     segments: torch.Tensor | None = None
     pairs: int = 1  # instruction pairs this sequence holds
+    codec: PixelCodec | None = None  # where ``pixels`` holds 8-bit codes (shared)
+
+    def pixel_values(self) -> torch.Tensor:
+        """The processor's float32 pixel values."""
+        return self.codec.decode(self.pixels) if self.codec is not None else self.pixels.float()
 
 
 def _inner_model(model):
@@ -222,7 +274,8 @@ def pack_pairs(examples: list[Example]) -> list[Example]:
                     labels=torch.cat([head.labels[:p]] + [e.labels[p:] for e in examples]),
                     mm_token_type_ids=torch.cat([head.mm_token_type_ids[:p]] + [e.mm_token_type_ids[p:]
                                                                                for e in examples]),
-                    media=head.media, pixels=head.pixels, grid_thw=head.grid_thw, features=head.features,
+                    media=head.media, pixels=head.pixels, codec=head.codec, grid_thw=head.grid_thw,
+                    features=head.features,
                     position_ids=torch.cat([head.position_ids[:, :p]] + [e.position_ids[:, p:] for e in examples], 1),
                     segments=torch.cat(segments), pairs=len(examples))]
 
@@ -303,6 +356,8 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True, features:
     examples: list[Example] = []
     pending: dict[tuple, list[tuple[torch.Tensor, list[Example]]]] = {}  # (media, grid) -> clips to encode
 
+    codecs = {"video": PixelCodec(processor.video_processor), "image": PixelCodec(processor.image_processor)}
+
     def encode(key: tuple) -> None:
         clips = pending.pop(key)
         media, grid = key[0], torch.tensor([key[1]] * len(clips))
@@ -334,7 +389,10 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True, features:
             continue
         if grid is not None:
             n_tokens = int(grid.prod()) // (processor.video_processor.merge_size ** 2)
-            pixels = pixels.to(torch.bfloat16)  # halves the cache; cast back per batch
+        codec = None
+        if grid is not None and features is None:  # kept until training: as 8-bit codes where lossless, else bf16
+            codes = codecs[media].encode(pixels)
+            codec, pixels = (None, pixels.to(torch.bfloat16)) if codes is None else (codecs[media], codes)
         owners: list[Example] = []
         for m, question, answer in triples:
             content = ([{"type": m}] if m else []) + [{"type": "text", "text": question}]
@@ -349,7 +407,8 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True, features:
             labels = torch.tensor([-100] * len(p_ids) + a_ids)
             mm = (ids == image_id).long() + 2 * (ids == video_id).long()
             pos = positions(ids, mm, m, grid) if positions is not None and m else None
-            example = Example(ids, labels, mm, m, pixels if m else None, grid if m else None, position_ids=pos)
+            example = Example(ids, labels, mm, m, pixels if m else None, grid if m else None, position_ids=pos,
+                              codec=codec if m else None)
             (owners if m else examples).append(example)
         if cfg.pack:
             packed = pack_pairs(owners)
@@ -406,7 +465,7 @@ def collate(batch: list[Example], pad_id: int) -> dict:
         out.update({f"{media}_grid_thw": grid, "mm_encoder_outputs": {
             media: BaseModelOutputWithPooling(pooler_output=tuple(e.features for e in batch))}})
     elif media is not None:
-        pix = torch.cat([e.pixels for e in batch]).float()
+        pix = torch.cat([e.pixel_values() for e in batch])
         grid = torch.cat([e.grid_thw for e in batch])
         if media == "video":
             out.update(pixel_values_videos=pix, video_grid_thw=grid)

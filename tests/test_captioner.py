@@ -253,6 +253,37 @@ def test_visual_stage_rehearses_still_frames_given_with_the_clips(tiny_dir, toy)
     assert [plan(step, 0)[0] for step in range(8)] == ["video"] * 3 + ["image"] + ["video"] * 3 + ["image"]
 
 
+def test_visual_stage_keeps_the_processors_pixel_values_exactly_in_a_quarter_of_the_memory(tiny_dir, toy, clips):
+    from transformers import AutoProcessor
+
+    from captioner.train import PixelCodec, TrainConfig, build_examples, collate
+
+    processor = AutoProcessor.from_pretrained(tiny_dir)
+    shards = "{%s,%s}" % (toy / "adapt-*.tar", toy / "pretrain-*.tar")
+    cfg = TrainConfig(stage="visual", model=str(tiny_dir), shards=shards, out="unused", frames=4)
+    examples, _ = build_examples(cfg, processor, progress=False)
+    for media in ("video", "image"):
+        e = next(e for e in examples if e.media == media)
+        assert e.pixels.dtype == torch.uint8
+        batch = collate([e], processor.tokenizer.pad_token_id)
+        kind = "pixel_values_videos" if media == "video" else "pixel_values"
+        assert batch[kind].dtype == torch.float32 and batch[kind].shape == e.pixels.shape
+    # what the processor makes of a clip at the world's size comes back exactly (bf16 kept 3 significant digits)
+    video = processor.video_processor(videos=[clips[0].frames], return_tensors="pt", do_sample_frames=False)
+    codec = PixelCodec(processor.video_processor)
+    pixels = video["pixel_values_videos"]
+    codes = codec.encode(pixels)
+    assert codes.dtype == torch.uint8 and codes.shape == pixels.shape
+    assert torch.allclose(codec.decode(codes), pixels, rtol=0, atol=1e-6)
+    # the processor resizes 8-bit frames in 8 bits: a resized clip's values are codes too
+    resized = processor.video_processor(videos=[clips[0].frames[:, :50, :50]], return_tensors="pt",
+                                        do_sample_frames=False)["pixel_values_videos"]
+    assert torch.allclose(codec.decode(codec.encode(resized)), resized, rtol=0, atol=1e-6)
+    # values that are not codes (float frames, another normalisation) are not encoded: kept as bf16
+    assert codec.encode(pixels + 0.5 / 255) is None
+    assert codec.encode(pixels * 3) is None
+
+
 def test_lora_adaptation_merges_into_a_plain_checkpoint(tiny_dir, toy, tmp_path):
     pytest.importorskip("peft")
     from captioner.train import TrainConfig, train
@@ -427,8 +458,9 @@ def test_language_stage_on_precomputed_features_trains_as_through_pixels(tiny_di
     assert (fast["visual_features"], slow["visual_features"]) == ("precomputed", "per step")
     assert fast["loss"] == pytest.approx(slow["loss"], rel=1e-4)
     a, b, s = _params(tmp_path / "fast"), _params(tmp_path / "slow"), _params(start)
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert any(not torch.equal(a[k], s[k]) for k in a)  # it trained
+    # float rounding of the two batchings, through 5 Adam steps of up to 1e-2 each: measured 2.4e-5
+    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    assert any(not torch.allclose(a[k], s[k], atol=1e-3) for k in a)  # it trained
     assert torch.equal(load_file(str(tmp_path / "fast" / WEIGHTS_FILE))["up.weight"],
                        load_file(str(start / WEIGHTS_FILE))["up.weight"])  # frozen, passed on
 
