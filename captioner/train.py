@@ -172,8 +172,8 @@ class PixelCodec:
         return codes
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        x = self._per_channel(codes).float()
-        return (x * self.scale[:, None] + self.shift[:, None]).reshape(codes.shape)
+        x = self._per_channel(codes).float()  # a new tensor: the affine map runs in place on it
+        return x.mul_(self.scale[:, None]).add_(self.shift[:, None]).reshape(codes.shape)
 
 
 @dataclass
@@ -465,7 +465,11 @@ def collate(batch: list[Example], pad_id: int) -> dict:
         out.update({f"{media}_grid_thw": grid, "mm_encoder_outputs": {
             media: BaseModelOutputWithPooling(pooler_output=tuple(e.features for e in batch))}})
     elif media is not None:
-        pix = torch.cat([e.pixel_values() for e in batch])
+        codec = batch[0].codec
+        if codec is not None and all(e.codec is codec for e in batch):  # one pass over the batch's codes
+            pix = codec.decode(torch.cat([e.pixels for e in batch]))
+        else:
+            pix = torch.cat([e.pixel_values() for e in batch])
         grid = torch.cat([e.grid_thw for e in batch])
         if media == "video":
             out.update(pixel_values_videos=pix, video_grid_thw=grid)

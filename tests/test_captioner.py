@@ -263,11 +263,12 @@ def test_visual_stage_keeps_the_processors_pixel_values_exactly_in_a_quarter_of_
     cfg = TrainConfig(stage="visual", model=str(tiny_dir), shards=shards, out="unused", frames=4)
     examples, _ = build_examples(cfg, processor, progress=False)
     for media in ("video", "image"):
-        e = next(e for e in examples if e.media == media)
-        assert e.pixels.dtype == torch.uint8
-        batch = collate([e], processor.tokenizer.pad_token_id)
+        two = [e for e in examples if e.media == media][:2]
+        assert all(e.pixels.dtype == torch.uint8 for e in two)
+        batch = collate(two, processor.tokenizer.pad_token_id)
         kind = "pixel_values_videos" if media == "video" else "pixel_values"
-        assert batch[kind].dtype == torch.float32 and batch[kind].shape == e.pixels.shape
+        assert torch.equal(batch[kind], torch.cat([e.pixel_values() for e in two]))
+        assert batch[kind].dtype == torch.float32 and len(batch[kind]) == sum(len(e.pixels) for e in two)
     # what the processor makes of a clip at the world's size comes back exactly (bf16 kept 3 significant digits)
     video = processor.video_processor(videos=[clips[0].frames], return_tensors="pt", do_sample_frames=False)
     codec = PixelCodec(processor.video_processor)
