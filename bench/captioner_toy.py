@@ -37,7 +37,7 @@ from captioner.evaluate import (  # noqa: E402
 )
 from captioner.load import load_captioner  # noqa: E402
 from captioner.tiny import build_tiny  # noqa: E402
-from captioner.toy_metrics import parse_caption, score  # noqa: E402
+from captioner.toy_metrics import parse_caption, score, score_by_axis  # noqa: E402
 from captioner.train import RUN_FIELDS, TrainConfig, config_changes, read_state, train  # noqa: E402
 from engine.synth import SynthConfig, synth  # noqa: E402
 
@@ -388,6 +388,11 @@ def main(argv=None) -> int:
         evals["c_stage1_2"]["test_large"] = {**short(r["metrics"]), "clips": len(r["examples"]),
                                              "events": r["metrics"]["n_events"]}
         evals["c_stage1_2"]["test_large_by_event_count"] = by_event_count(r["examples"])
+        # per reference action, and what the captions said instead where they missed it
+        evals["c_stage1_2"]["test_large_by_action"] = {
+            action: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}
+            for action, m in score_by_axis([p for _, p, _ in r["examples"]], [ref for _, _, ref in r["examples"]],
+                                           by="action").items()}
         print("c_stage1_2 on", large, "test clips", evals["c_stage1_2"]["test_large"], flush=True)
     result["evaluations"] = evals
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / (

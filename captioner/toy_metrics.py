@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import string
+from collections import Counter
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -262,31 +263,42 @@ def score(predictions: list[str], references: list[str], align: str = "position"
     }
 
 
-def score_by_axis(predictions: list[str], references: list[str], align: str = "position") -> dict[str, dict]:
-    """Event-level accuracy split by the `AXIS` of each reference event (aligned as in `score`).
+def score_by_axis(predictions: list[str], references: list[str], align: str = "position",
+                  by: str = "axis") -> dict[str, dict]:
+    """Event-level accuracy split by the `AXIS` of each reference event, or by its action (aligned as in `score`).
+
+    Args:
+        by: 'axis' (left/right together, ...) or 'action' (each of `ACTIONS` apart).
 
     Returns:
-        axis name -> {"object", "colour", "action", "direction_within_axis", "n_events", "n_direction"}
-        with the definitions of `score`, over the reference events on that axis (axes without
-        reference events are left out; ``direction_within_axis`` is None outside `DIRECTIONAL_AXES`).
+        group name -> {"object", "colour", "action", "direction_within_axis", "n_events", "n_direction",
+        "said_instead"} with the definitions of `score`, over the reference events of that group (groups
+        without reference events are left out; ``direction_within_axis`` is None outside
+        `DIRECTIONAL_AXES`). ``said_instead``: for the events whose action was missed, the action the
+        prediction gave (None: no aligned event) -> count, most frequent first.
 
     Raises:
-        ValueError: as `score`.
+        ValueError: as `score`, or an unknown ``by``.
     """
     if align not in ALIGNMENTS:
         raise ValueError(f"unknown alignment {align!r}; valid: {', '.join(ALIGNMENTS)}")
+    if by not in ("axis", "action"):
+        raise ValueError(f"unknown grouping {by!r}; valid: axis, action")
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-    acc: dict[str, dict[str, int]] = {}
+    acc: dict[str, dict] = {}
     for k, (pred_text, ref_text) in enumerate(zip(predictions, references)):
         ref = parse_caption(ref_text)
         if ref is None:
             raise ValueError(f"reference {k} is not in the toy grammar: {ref_text!r}")
         pred = parse_caption(pred_text) or []
         for r, p in zip(ref, align_events(ref, pred, align)):
-            a = acc.setdefault(AXIS[r.action], dict.fromkeys(
-                ("object", "colour", "action", "direction", "n_events", "n_direction"), 0))
+            a = acc.setdefault(AXIS[r.action] if by == "axis" else r.action, {
+                **dict.fromkeys(("object", "colour", "action", "direction", "n_events", "n_direction"), 0),
+                "said_instead": Counter()})
             a["n_events"] += 1
+            if p is None or p.action != r.action:
+                a["said_instead"][p.action if p is not None else None] += 1
             if p is None:
                 continue
             a["object"] += p.shape == r.shape
@@ -295,11 +307,12 @@ def score_by_axis(predictions: list[str], references: list[str], align: str = "p
             if AXIS[r.action] in DIRECTIONAL_AXES and AXIS[p.action] == AXIS[r.action]:
                 a["n_direction"] += 1
                 a["direction"] += p.action == r.action
-    return {axis: {"object": _ratio(a["object"], a["n_events"]), "colour": _ratio(a["colour"], a["n_events"]),
-                   "action": _ratio(a["action"], a["n_events"]),
-                   "direction_within_axis": _ratio(a["direction"], a["n_direction"]),
-                   "n_events": a["n_events"], "n_direction": a["n_direction"]}
-            for axis, a in sorted(acc.items())}
+    return {group: {"object": _ratio(a["object"], a["n_events"]), "colour": _ratio(a["colour"], a["n_events"]),
+                    "action": _ratio(a["action"], a["n_events"]),
+                    "direction_within_axis": _ratio(a["direction"], a["n_direction"]),
+                    "n_events": a["n_events"], "n_direction": a["n_direction"],
+                    "said_instead": dict(a["said_instead"].most_common())}
+            for group, a in sorted(acc.items())}
 
 
 _STATIC_OBJECT = re.compile(rf"\ba\s+(?P<colour>{_alternation(list(COLOURS))})\s+(?P<shape>{_alternation(SHAPES)})\b")

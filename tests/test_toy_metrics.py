@@ -212,6 +212,24 @@ def test_score_by_axis(clips):
         assert perfect[axis]["direction_within_axis"] == 1.0
     assert by_axis["rotation"]["direction_within_axis"] is None
     assert by_axis["rotation"]["action"] == 1.0
+    assert by_axis["rotation"]["said_instead"] == {} and perfect["horizontal"]["said_instead"] == {}
+
+
+def test_score_by_action_says_what_was_said_instead(clips):
+    refs = [c.caption for c in clips]
+    rev = [reverse_clip(c).caption for c in clips]
+    by_action = score_by_axis(rev, refs, align="object", by="action")
+    assert set(by_action) == {e.action for c in clips for e in c.events}
+    for action, a in by_action.items():
+        if INVERSE[action] != action:  # played backwards, every such event is said as its inverse
+            assert a["action"] == 0.0 and a["said_instead"] == {INVERSE[action]: a["n_events"]}
+    dropped = score_by_axis(["the red circle rotates."] * len(refs), refs, by="action")
+    assert all(sum(a["said_instead"].values()) == a["n_events"] - round(a["action"] * a["n_events"])
+               for a in dropped.values())
+    assert sum(a["said_instead"].get(None, 0) for a in dropped.values()) == sum(
+        max(0, len(c.events) - 1) for c in clips)  # a second reference event has no aligned prediction
+    with pytest.raises(ValueError, match="grouping"):
+        score_by_axis(refs, refs, by="colour")
 
 
 def test_align_events():
