@@ -12,10 +12,10 @@ Stages (what trains, what stays frozen):
 
 Processor outputs are computed once per clip and kept in memory (a clip's pixels
 are shared by all its instruction pairs), as the 8-bit values they were computed from
-where that is lossless (`PixelCodec`: a quarter of float32), else in bf16. Where the vision side is frozen (the
-language stage), it runs once per clip while the examples are prepared and only
-its output tokens are kept (``precompute_features``): about 1.6x faster steps
-for the tiny toy model and a few KB per clip instead of its pixels; the loss is
+where that is lossless (`PixelCodec`: a quarter of float32), else in bf16. Where the
+vision side is frozen (the language stage), it runs once per clip while the examples
+are prepared and only its output tokens are kept (``precompute_features``): about
+1.6x faster steps for the tiny toy model and a few KB per clip instead of its pixels; the loss is
 the same as through the pixels. Every example also keeps its M-RoPE positions, and
 the loss projects only the supervised positions onto the vocabulary
 (`answer_loss`); with ``--pack`` a clip's instruction pairs share one sequence
