@@ -144,14 +144,14 @@ class PixelCodec:
     """
 
     def __init__(self, sub_processor):
-        mean = getattr(sub_processor, "image_mean", None) if getattr(sub_processor, "do_normalize", False) else None
-        std = getattr(sub_processor, "image_std", None) if getattr(sub_processor, "do_normalize", False) else None
+        normalise = getattr(sub_processor, "do_normalize", False)
+        mean = list(sub_processor.image_mean) if normalise else [0.0] * 3
+        std = list(sub_processor.image_std) if normalise else [1.0] * 3
         factor = float(sub_processor.rescale_factor) if getattr(sub_processor, "do_rescale", False) else 1.0
-        channels = len(mean) if mean is not None else 3
-        self.channels = channels
+        self.channels = len(mean)
         # value = code * scale + shift, per channel
-        self.scale = torch.tensor([factor / s for s in std] if std is not None else [factor] * channels)
-        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)] if mean is not None else [0.0] * channels)
+        self.scale = torch.tensor([factor / s for s in std])
+        self.shift = torch.tensor([-m / s for m, s in zip(mean, std)])
 
     def _per_channel(self, x: torch.Tensor) -> torch.Tensor | None:
         if x.dim() < 2 or x[0].numel() % self.channels:
@@ -160,14 +160,15 @@ class PixelCodec:
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor | None:
         """uint8 codes of ``pixels`` (shape kept), or None where they would not give the values back."""
-        x = self._per_channel(pixels.float())
+        values = pixels.float()
+        x = self._per_channel(values)
         if x is None:
             return None
         codes = ((x - self.shift[:, None]) / self.scale[:, None]).round_()
         if codes.min() < 0 or codes.max() > 255:
             return None
         codes = codes.to(torch.uint8).reshape(pixels.shape)
-        if (self.decode(codes) - pixels.float()).abs().max() > 1e-5:
+        if (self.decode(codes) - values).abs().max() > 1e-5:
             return None
         return codes
 

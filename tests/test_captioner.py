@@ -280,7 +280,7 @@ def test_visual_stage_keeps_the_processors_pixel_values_exactly_in_a_quarter_of_
     resized = processor.video_processor(videos=[clips[0].frames[:, :50, :50]], return_tensors="pt",
                                         do_sample_frames=False)["pixel_values_videos"]
     assert torch.allclose(codec.decode(codec.encode(resized)), resized, rtol=0, atol=1e-6)
-    # values that are not codes (float frames, another normalisation) are not encoded: kept as bf16
+    # values that are not codes (float frames, another normalisation) are not encoded (build_examples keeps bf16)
     assert codec.encode(pixels + 0.5 / 255) is None
     assert codec.encode(pixels * 3) is None
 
