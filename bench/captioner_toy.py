@@ -103,6 +103,9 @@ def main(argv=None) -> int:
                     "(default: the preset's)")
     ap.add_argument("--steps", action="append", default=[], metavar="STAGE=N",
                     help="override one stage's steps, e.g. --steps language=12000 (repeatable)")
+    ap.add_argument("--still-frames", action=argparse.BooleanOptionalAction, default=None,
+                    help="each sampled frame fills its own temporal patch: one frame per slice of visual tokens, "
+                    "twice the tokens of paired frames (captioner adapt --still-frames; default: the preset's)")
     ap.add_argument("--two-event", type=int, metavar="N", help="add N adapt clips with exactly two events "
                     "(engine synth --events 2, seed 1) to the language stage (default: the preset's, TWO_EVENT)")
     ap.add_argument("--two-event-visual", action="store_true", help="add them to the visual stage too")
@@ -158,6 +161,7 @@ def main(argv=None) -> int:
                               + (f"-w{args.width}" if args.width else "")
                               + (f"-l{args.layers}" if args.layers else "")
                               + (f"-f{args.frames}" if args.frames else "")
+                              + ({True: "-still", False: "-paired", None: ""}[args.still_frames])
                               + (f"-init{args.init_seed}" if args.init_seed else "")
                               + (f"-imagew{args.image_weight}" if args.image_weight else "")
                               + (f"-base{Path(args.base).resolve().parent.name}" if args.base else "")
@@ -191,6 +195,8 @@ def main(argv=None) -> int:
         preset[stage]["batch_size"] = n
     if args.pack is not None:
         preset["language"]["pack"] = args.pack
+    if args.still_frames is not None:
+        preset["visual"]["still_frames"] = args.still_frames
     if args.train_vision:
         preset["visual"]["vision_parts"] = args.train_vision
     if args.image_weight:

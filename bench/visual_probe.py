@@ -32,6 +32,7 @@ def encode_one_event(cap, pattern: str, frames: int, limit: int, scan: int = 0):
     """[clips, tokens, dim] visual tokens of the one-event clips among the samples, and their action ids."""
     import torch
 
+    from captioner.adapter import video_input
     from captioner.toy_metrics import parse_caption
     from captioner.train import frozen_features
     from data_specs.toyworld import ACTIONS
@@ -55,7 +56,8 @@ def encode_one_event(cap, pattern: str, frames: int, limit: int, scan: int = 0):
         if not events or len(events) != 1:
             continue
         clip = decode_video(sample[video_member(sample)], Sampling.uniform(frames), backend="av").frames
-        enc = cap.processor.video_processor(videos=[clip], return_tensors="pt", do_sample_frames=False)
+        enc = cap.processor.video_processor(videos=[video_input(clip, cap.frame_repeat)], return_tensors="pt",
+                                            do_sample_frames=False)
         batch.append((enc["pixel_values_videos"], enc["video_grid_thw"]))
         labels.append(ACTIONS.index(events[0].action))
         if len(batch) == 32:

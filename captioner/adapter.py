@@ -10,6 +10,13 @@ projection, so a new adapter leaves the image model exactly as it was; visual ad
 (stage 1) trains it with the vision tower while the language model stays frozen, an honest
 reading of the paper's "visual adaptation".
 
+Qwen2-VL's video path pairs consecutive frames in each temporal patch, so an image model meets
+a blend of two moments in every slice, unlike the stills it learned from (an image is one frame
+repeated). With ``still_frames`` the adapter's checkpoint asks for each sampled frame repeated to fill
+its own patch: every slice is then one frame as the image model saw it, and change lives only across
+slices, where the adapter and the language model look. It costs the tokens of twice the frames;
+`video_input` applies it wherever frames meet the processor (training, generation, token budgets).
+
 On disk the adapter lives beside an untouched Hugging Face checkpoint:
 
     temporal_adapter.json          its config
@@ -38,6 +45,9 @@ class AdapterConfig:
     dim: int  # the language model's hidden size (what the vision merger outputs)
     width: int = 0  # the space-time convolution's channels (0: min(dim, 256))
     kernel: tuple[int, int, int] = (3, 3, 3)  # (time, rows, columns) of merged tokens
+    # each sampled frame repeated to fill a whole temporal patch: one frame per slice, as the image model saw
+    # stills (False: consecutive frames share a patch, Qwen2-VL's own video input)
+    still_frames: bool = False
 
     def __post_init__(self) -> None:
         self.kernel = tuple(self.kernel)
@@ -87,16 +97,42 @@ def adapter_of(model) -> TemporalAdapter | None:
     return getattr(_visual(model), "temporal_adapter", None)
 
 
-def attach_adapter(model, cfg: AdapterConfig | None = None) -> TemporalAdapter:
-    """Adds a (new, identity) adapter to ``model``'s video path; returns it. Idempotent."""
+def frame_repeat(model) -> int:
+    """How many times `video_input` repeats each frame for ``model``: its temporal patch with a still-frames
+    adapter, else 1."""
+    adapter = adapter_of(model)
+    if adapter is None or not adapter.cfg.still_frames:
+        return 1
+    return int(getattr(getattr(model.config, "vision_config", None), "temporal_patch_size", 2) or 2)
+
+
+def video_input(frames, repeat: int):
+    """Frames [T, ...] as the video processor should get them: each ``repeat`` times in a row (`frame_repeat`)."""
+    import numpy as np
+
+    return frames if repeat == 1 else np.repeat(frames, repeat, axis=0)
+
+
+def attach_adapter(model, cfg: AdapterConfig | None = None, still_frames: bool = False) -> TemporalAdapter:
+    """Adds a (new, identity) adapter to ``model``'s video path; returns it. Idempotent.
+
+    Args:
+        cfg: the adapter's config (default: the model's width, ``still_frames`` as given).
+
+    Raises:
+        ValueError: the model already has an adapter that takes frames otherwise.
+    """
     core = getattr(model, "model", model)
     if _visual(model) is None or not hasattr(core, "get_video_features"):
         raise ValueError(f"{type(model).__name__} has no vision tower with video features to adapt")
+    text_cfg = getattr(model.config, "text_config", model.config)
+    cfg = cfg or AdapterConfig(dim=int(text_cfg.hidden_size), still_frames=still_frames)
     existing = adapter_of(model)
     if existing is not None:
+        if existing.cfg.still_frames != cfg.still_frames:
+            raise ValueError(f"the model's temporal adapter has still_frames={existing.cfg.still_frames}; a run "
+                             f"asking for {cfg.still_frames} would change what its visual tokens mean")
         return existing
-    text_cfg = getattr(model.config, "text_config", model.config)
-    cfg = cfg or AdapterConfig(dim=int(text_cfg.hidden_size))
     visual = core.visual
     ref = next(visual.parameters())
     adapter = TemporalAdapter(cfg).to(ref.device, ref.dtype)

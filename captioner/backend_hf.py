@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from captioner.adapter import frame_repeat, video_input
 from captioner.interface import Budgeted, CaptionResult, Captioner, Clip, processor_visual_tokens
 from data_specs import GenerationParams
 from data_specs.prompts import PromptTemplate
@@ -62,13 +63,15 @@ class HFCaptioner(Captioner):
 
         speed_up_vision(self.model)  # the same tower, batched where transformers loops without flash attention
         self.model.to(self.device).eval()
+        self.frame_repeat = frame_repeat(self.model)  # 2 where the checkpoint's adapter takes still frames
         text_cfg = getattr(self.model.config, "text_config", self.model.config)
         self.context_length = int(getattr(text_cfg, "max_position_embeddings", 4096))
         self.eos_ids = _as_set(self.model.generation_config.eos_token_id) | {self.processor.tokenizer.eos_token_id}
         self._prompt_tokens: dict[str, int] = {}
 
     def visual_tokens(self, frames: int, height: int, width: int, media: str) -> int:
-        return processor_visual_tokens(self.processor, frames, height, width, media)
+        return processor_visual_tokens(self.processor, frames * (self.frame_repeat if media == "video" else 1),
+                                       height, width, media)
 
     def prompt_tokens(self, prompt: PromptTemplate) -> int:
         if prompt.id not in self._prompt_tokens:
@@ -79,7 +82,8 @@ class HFCaptioner(Captioner):
     def inputs(self, batch: list[Budgeted], prompt: PromptTemplate):
         """Processor outputs for a batch (left-padded), on the model's device."""
         text = [render_prompt(self.processor, prompt)] * len(batch)
-        media = [b.frames for b in batch] if prompt.media == "video" else [b.frames[0] for b in batch]
+        media = ([video_input(b.frames, self.frame_repeat) for b in batch] if prompt.media == "video"
+                 else [b.frames[0] for b in batch])
         kwargs = {"videos": media, "do_sample_frames": False} if prompt.media == "video" else {"images": media}
         enc = self.processor(text=text, padding=True, return_tensors="pt", **kwargs)
         return enc.to(self.device)
@@ -121,7 +125,7 @@ class HFCaptioner(Captioner):
         """
         b = self.fit(clip, prompt, GenerationParams(max_new_tokens=max(8, max(len(a) for a in answers))))
         tok = self.processor.tokenizer
-        media = b.frames if prompt.media == "video" else b.frames[0]
+        media = video_input(b.frames, self.frame_repeat) if prompt.media == "video" else b.frames[0]
         kwargs = ({"videos": [media] * len(answers), "do_sample_frames": False} if prompt.media == "video"
                   else {"images": [media] * len(answers)})
         head = render_prompt(self.processor, prompt)

@@ -53,6 +53,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temporal-adapter", action=argparse.BooleanOptionalAction, default=None,
                    help="visual stage: add a space-time adapter on the video tokens (captioner/adapter.py); the "
                    "presets turn it on. vLLM cannot run a checkpoint that has one")
+    p.add_argument("--still-frames", action=argparse.BooleanOptionalAction, default=None,
+                   help="visual stage, with a new temporal adapter: each sampled frame fills its own temporal patch, "
+                   "so every slice of visual tokens is one frame as the image model saw stills (twice the tokens of "
+                   "Qwen2-VL's paired frames). The checkpoint records it: the language stage and generation follow")
     p.add_argument("--train-vision", metavar="PARTS", help="visual stage: the parts of the vision side that train, "
                    "comma-separated among adapter, merger, tower (patch embedding and blocks); default: all of it. "
                    "'adapter' keeps the image model's tower and merger as they were")
@@ -88,7 +92,9 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
     kw = dict(PRESETS[args.preset][stage])
     if stage != "language":  # a preset's packing is its language stage's; --pack on another stage is refused
         kw.pop("pack", None)
-    for name in ("steps", "lr", "frames", "temporal_adapter", "weight_decay", "batch_size", "pack"):
+    if stage != "visual":  # likewise its frame layout (--still-frames elsewhere is refused)
+        kw.pop("still_frames", None)
+    for name in ("steps", "lr", "frames", "temporal_adapter", "still_frames", "weight_decay", "batch_size", "pack"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     if stage != "visual":

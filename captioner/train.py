@@ -70,6 +70,9 @@ class TrainConfig:
     lora: bool = False  # LoRA adapters (peft) on the trained part instead of full weights: for large models
     lora_rank: int = 16
     temporal_adapter: bool = False  # visual stage: add a space-time adapter on video tokens (captioner.adapter)
+    # visual stage, with a new adapter: each frame fills its own temporal patch, one frame per slice of visual
+    # tokens (captioner.adapter.AdapterConfig.still_frames); later stages and generation read it from the checkpoint
+    still_frames: bool = False
     precompute_features: bool = True  # language stage: run the frozen vision side once per clip, not every step
     # language stage: a clip's instruction pairs in one sequence, the prompt they share (template, visual tokens)
     # once (`pack_pairs`); --batch-size then counts clips, each bringing all its pairs
@@ -122,6 +125,9 @@ class TrainConfig:
                             "or train all of it)")
         elif "adapter" in self.vision_parts and not self.temporal_adapter:
             problems.append("--train-vision adapter needs --temporal-adapter")
+        if self.still_frames and not (self.stage == "visual" and self.temporal_adapter):
+            problems.append("--still-frames applies to the visual stage with --temporal-adapter (the adapter's "
+                            "checkpoint records it; later stages and generation follow it)")
         if self.pack and self.stage != "language":
             problems.append("--pack applies to the language stage (a clip has one example in the other stages)")
         if problems:
@@ -328,7 +334,7 @@ def release_freed_memory() -> None:
 
 
 def build_examples(cfg: TrainConfig, processor, progress: bool = True, features: FeatureFn | None = None,
-                   positions: PositionFn | None = None) -> tuple[list[Example], dict]:
+                   positions: PositionFn | None = None, frame_repeat: int = 1) -> tuple[list[Example], dict]:
     """Reads the shards and turns every usable sample into training examples.
 
     Args:
@@ -336,6 +342,7 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True, features:
             as they are read) and examples keep its output instead of the pixels.
         positions: where given, each example with an image or video keeps its M-RoPE positions
             (`mrope_positions`); without them the model computes them in every forward pass.
+        frame_repeat: each sampled frame this many times in a row (`captioner.adapter.frame_repeat`).
 
     Returns:
         The examples and a report: samples used, samples skipped by reason.
@@ -345,6 +352,7 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True, features:
     from PIL import Image
     from tqdm import tqdm
 
+    from captioner.adapter import video_input
     from data_specs import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
     from engine.decode import Sampling, decode_video
     from engine.errors import SampleError
@@ -378,7 +386,8 @@ def build_examples(cfg: TrainConfig, processor, progress: bool = True, features:
             if "video" in kinds:
                 ext = video_member(sample, VIDEO_EXTENSIONS)
                 frames = decode_video(sample[ext], Sampling.uniform(cfg.frames), backend="av").frames
-                enc = processor.video_processor(videos=[frames], return_tensors="pt", do_sample_frames=False)
+                enc = processor.video_processor(videos=[video_input(frames, frame_repeat)], return_tensors="pt",
+                                                do_sample_frames=False)
                 media, pixels, grid = "video", enc["pixel_values_videos"], enc["video_grid_thw"]
             elif "image" in kinds:
                 ext = video_member(sample, IMAGE_EXTENSIONS)
@@ -625,7 +634,7 @@ def read_state(out: str | Path) -> dict | None:
 # what a run is: resuming with any of these changed would mix two runs in one checkpoint
 RUN_FIELDS = ("stage", "model", "shards", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup",
               "weight_decay", "frames", "max_samples", "seed", "lora", "lora_rank", "temporal_adapter",
-              "task_weights", "pack", "input_weights", "vision_parts")
+              "still_frames", "task_weights", "pack", "input_weights", "vision_parts")
 
 
 def config_changes(state: dict, cfg: TrainConfig, fields: tuple[str, ...] = RUN_FIELDS) -> list[str]:
@@ -722,7 +731,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     from tqdm import tqdm
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from captioner.adapter import attach_adapter, load_adapter
+    from captioner.adapter import attach_adapter, frame_repeat, load_adapter
     from captioner.fast_vision import speed_up_vision
 
     out = Path(cfg.out)
@@ -742,7 +751,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     if Path(source).is_dir():
         load_adapter(model, source)
     if cfg.temporal_adapter and cfg.stage == "visual":
-        attach_adapter(model)  # a new one starts as the identity: the image model, unchanged
+        attach_adapter(model, still_frames=cfg.still_frames)  # a new one is the identity: the image model as it was
     speed_up_vision(model)  # the same tower, batched where transformers loops (captioner.fast_vision)
     model = apply_freezing(model, cfg).to(device)
     model.train()
@@ -768,7 +777,7 @@ def train(cfg: TrainConfig, progress: bool = True,
                          "has none")
     examples, report = build_examples(cfg, processor, progress=progress,
                                       features=frozen_features(model, device) if frozen_vision else None,
-                                      positions=positions)
+                                      positions=positions, frame_repeat=frame_repeat(model))
     report["visual_features"] = "precomputed" if frozen_vision else "per step"
     if not examples:
         raise ValueError(f"no training example in {cfg.shards} for stage {cfg.stage!r}: {report}")

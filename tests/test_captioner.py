@@ -353,6 +353,47 @@ def test_visual_stage_with_adapter_saves_a_plain_checkpoint_beside_it(tiny_dir, 
         load_captioner(str(out))
 
 
+def test_still_frames_give_every_frame_its_own_slice_in_training_and_generation(tiny_dir, toy, clips, tmp_path):
+    from captioner.adapter import CONFIG_FILE, adapter_of, attach_adapter
+    from captioner.train import TrainConfig, build_examples, train
+    from transformers import AutoProcessor
+
+    out = tmp_path / "s1"
+    train(TrainConfig(stage="visual", model=str(tiny_dir), shards=str(toy / "adapt-*.tar"), out=str(out), steps=2,
+                      batch_size=4, frames=4, warmup=1, temporal_adapter=True, still_frames=True), progress=False)
+    assert json.loads((out / CONFIG_FILE).read_text())["still_frames"] is True
+    still, paired = load_captioner(str(out), device="cpu"), load_captioner(str(tiny_dir), device="cpu")
+    assert still.frame_repeat == 2 and paired.frame_repeat == 1
+    clip = clips[0]
+    enc = still.inputs([Budgeted(clip, clip.frames[:4], 0)], VIDEO)
+    assert enc["video_grid_thw"][0, 0].item() == 4  # 4 frames, 4 slices (paired: 2)
+    pix = enc["pixel_values_videos"].reshape(-1, 3, 2, 14, 14)  # patches: channels, temporal patch, rows, columns
+    assert torch.equal(pix[:, :, 0], pix[:, :, 1])  # each slice holds one frame
+    assert still.visual_tokens(4, 112, 112, "video") == 2 * paired.visual_tokens(4, 112, 112, "video") == 64
+    r = still.caption([Clip("x", clip.frames[:4])], VIDEO, GenerationParams(max_new_tokens=2))[0]
+    assert r.ok and r.input_tokens == still.prompt_tokens(VIDEO) - 1 + 64  # the budget counts what the model reads
+    # a new still-frames adapter leaves the image model as it was: slice k's tokens are frame k's as an image
+    core = paired.model.model
+    attach_adapter(paired.model, still_frames=True)
+    with torch.no_grad():
+        video = core.get_video_features(enc["pixel_values_videos"], enc["video_grid_thw"]).pooler_output[0]
+        for k in range(4):
+            img = paired.inputs([Budgeted(clip, clip.frames[k:k + 1], 0)], FRAME)
+            image = core.get_image_features(img["pixel_values"], img["image_grid_thw"]).pooler_output[0]
+            assert torch.allclose(video[16 * k:16 * (k + 1)], image, atol=1e-5)
+    with pytest.raises(ValueError, match="still_frames=True"):
+        attach_adapter(paired.model)  # asking for paired frames from a still-frames model
+    # the language stage follows the checkpoint: its examples carry one slice per frame
+    cfg = TrainConfig(stage="language", model=str(out), shards=str(toy / "adapt-*.tar"), out=str(tmp_path / "s2"),
+                      steps=1, frames=4, max_samples=2)
+    examples, _ = build_examples(cfg, AutoProcessor.from_pretrained(out), progress=False, frame_repeat=2)
+    assert {tuple(e.grid_thw[0].tolist()) for e in examples} == {(4, 8, 8)}
+    train(cfg, progress=False)
+    assert adapter_of(load_captioner(str(tmp_path / "s2")).model).cfg.still_frames
+    with pytest.raises(ValueError, match="--still-frames applies to the visual stage with --temporal-adapter"):
+        TrainConfig(stage="language", model=str(out), shards="x", out="y", still_frames=True)
+
+
 def test_log_likelihood_is_the_training_loss_of_the_answer(cap, clips):
     answers = ["the red circle moves left.", "the blue square grows, then the red circle appears."]
     lls = cap.log_likelihoods(clips[1], VIDEO, answers)
