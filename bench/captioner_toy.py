@@ -37,7 +37,7 @@ from captioner.evaluate import (  # noqa: E402
 )
 from captioner.load import load_captioner  # noqa: E402
 from captioner.tiny import build_tiny  # noqa: E402
-from captioner.toy_metrics import parse_caption, score, score_by_axis  # noqa: E402
+from captioner.toy_metrics import score_by_axis, score_by_event_count  # noqa: E402
 from captioner.train import RUN_FIELDS, TrainConfig, config_changes, read_state, train  # noqa: E402
 from engine.synth import SynthConfig, synth  # noqa: E402
 
@@ -81,11 +81,8 @@ def _override(item: str, valid: dict, flag: str) -> tuple[str, int]:
 
 def by_event_count(examples: list) -> dict:
     """The metrics of (key, prediction, reference) triples, apart for references with one and with two events."""
-    groups: dict[str, list] = {}
-    for _key, pred, ref in examples:
-        groups.setdefault(f"{len(parse_caption(ref))}_event", []).append((pred, ref))
-    return {name: {**short(score([p for p, _ in g], [r for _, r in g])), "clips": len(g)}
-            for name, g in sorted(groups.items())}
+    groups = score_by_event_count([p for _, p, _ in examples], [r for _, _, r in examples])
+    return {name: {**short(m), "clips": m["clips"]} for name, m in groups.items()}
 
 
 def main(argv=None) -> int:

@@ -223,25 +223,36 @@ def _eval_toy(args: argparse.Namespace) -> int:
 
     from captioner.evaluate import evaluate_toy, forced_choice_toy, load_eval_clips
     from captioner.load import load_captioner
+    from captioner.toy_metrics import score_by_event_count
 
+    if args.num_beams < 1:
+        raise ValueError(f"--num-beams must be >= 1, got {args.num_beams}")
     frames = _frames_for(args.model, args.frames)
     cap = load_captioner(args.model, backend="hf", dtype=args.dtype)
     clips, refs = load_eval_clips(args.shards, frames=frames, limit=args.n)
     if not clips:
         raise ValueError(f"no clip in {args.shards}")
-    report = evaluate_toy(cap, None, mode=args.mode, clips=(clips, refs), batch_size=args.batch_size)
+    report = evaluate_toy(cap, None, mode=args.mode, clips=(clips, refs), batch_size=args.batch_size,
+                          num_beams=args.num_beams)
     fc = forced_choice_toy(cap, clips, refs, mode=args.mode)
     m = report["metrics"]
-    print(f"{args.model} on {len(clips)} clip(s) of {args.shards} ({args.mode}, {frames} frames):")
-    print("generated captions against gt.txt:")
+    groups = score_by_event_count([p for _, p, _ in report["examples"]], refs)
+    decoding = "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams"
+    print(f"{args.model} on {len(clips)} clip(s) of {args.shards} ({args.mode}, {frames} frames, {decoding}):")
+    print(f"{'generated captions against gt.txt:':<36}{'all':>8}" + "".join(f"{g:>9}" for g in groups))
     for name in ("object", "colour", "action", "direction_within_axis", "event_order", "exact", "parse_rate"):
-        print(f"  {name:<22} {'-' if m.get(name) is None else format(m[name], '.3f')}")
+        cells = [m.get(name)] + [groups[g].get(name) for g in groups]
+        print(f"  {name:<34}" + "".join(f"{'-' if v is None else format(v, '.3f'):>{w}}"
+                                        for v, w in zip(cells, [8] + [9] * len(groups))))
+    print(f"  {'clips':<34}{len(clips):>8}" + "".join(f"{groups[g]['clips']:>9}" for g in groups))
     print("forced choice by likelihood, true caption against its flipped twin (chance 0.5):")
     for name in ("direction", "order"):
         print(f"  {name:<22} {'-' if fc[name] is None else format(fc[name], '.3f')}  (n={fc['n_' + name]})")
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "shards": args.shards, "mode": args.mode,
-                                               "frames": frames, "generation": m, "forced_choice": fc,
+        Path(args.json).write_text(json.dumps({"command": "captioner " + " ".join(sys.argv[1:]), "model": args.model,
+                                               "shards": args.shards, "mode": args.mode, "frames": frames,
+                                               "num_beams": args.num_beams, "generation": m,
+                                               "generation_by_event_count": groups, "forced_choice": fc,
                                                "examples": report["examples"][:20]}, indent=2) + "\n")
     return 0
 
@@ -343,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="video", choices=["video", "middle-frame"])
     p.add_argument("--dtype", default="auto")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: greedy, as "
+                   "bench/captioner_toy.py scores)")
     p.add_argument("--json", help="also write the metrics and 20 examples to this JSON file")
     p.set_defaults(func=_eval_toy)
 

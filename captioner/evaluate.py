@@ -79,11 +79,11 @@ def middle_frame(clip: Clip) -> Clip:
 
 
 def caption_clips(cap: Captioner, clips: list[Clip], mode: str = "video", batch_size: int = 32,
-                  max_new_tokens: int = 32) -> list[str]:
+                  max_new_tokens: int = 32, num_beams: int = 1) -> list[str]:
     prompt = get_prompt(MODES[mode])
     if mode == "middle-frame":
         clips = [middle_frame(c) for c in clips]
-    params = GenerationParams(max_new_tokens=max_new_tokens)
+    params = GenerationParams(max_new_tokens=max_new_tokens, num_beams=num_beams)
     texts: list[str] = []
     for i in range(0, len(clips), batch_size):
         texts += [r.text for r in cap.caption(clips[i:i + batch_size], prompt, params)]
@@ -91,8 +91,9 @@ def caption_clips(cap: Captioner, clips: list[Clip], mode: str = "video", batch_
 
 
 def evaluate_toy(model: str | Captioner, shards: str, mode: str = "video", frames: int = 8, limit: int = 0,
-                 batch_size: int = 32, clips: tuple[list[Clip], list[str]] | None = None) -> dict:
-    """Captions the split and scores it (see `captioner.toy_metrics.score`).
+                 batch_size: int = 32, clips: tuple[list[Clip], list[str]] | None = None,
+                 num_beams: int = 1) -> dict:
+    """Captions the split and scores it (see `captioner.toy_metrics.score`); greedy unless ``num_beams`` > 1.
 
     Returns:
         ``{"metrics": {...}, "examples": [(key, prediction, reference), ...], "seconds": s}``
@@ -105,7 +106,7 @@ def evaluate_toy(model: str | Captioner, shards: str, mode: str = "video", frame
     cap = load_captioner(model, backend="hf") if isinstance(model, str) else model
     clip_list, refs = clips or load_eval_clips(shards, frames, limit)
     t0 = time.perf_counter()
-    preds = caption_clips(cap, clip_list, mode, batch_size)
+    preds = caption_clips(cap, clip_list, mode, batch_size, num_beams=num_beams)
     return {"metrics": score(preds, refs), "seconds": round(time.perf_counter() - t0, 2),
             "examples": [(c.key, p, r) for c, p, r in zip(clip_list, preds, refs)]}
 

@@ -263,6 +263,22 @@ def score(predictions: list[str], references: list[str], align: str = "position"
     }
 
 
+def score_by_event_count(predictions: list[str], references: list[str]) -> dict[str, dict]:
+    """`score` apart for the clips whose reference has one event, two events, ...
+
+    Returns:
+        ``{"1_event": {**metrics, "clips": n}, "2_event": {...}}`` for the counts present.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for pred, ref in zip(predictions, references):
+        g = groups.setdefault(f"{len(parse_caption(ref))}_event", ([], []))
+        g[0].append(pred)
+        g[1].append(ref)
+    return {name: {**score(*g), "clips": len(g[0])} for name, g in sorted(groups.items())}
+
+
 def score_by_axis(predictions: list[str], references: list[str], align: str = "position",
                   by: str = "axis") -> dict[str, dict]:
     """Event-level accuracy split by the `AXIS` of each reference event, or by its action (aligned as in `score`).

@@ -43,11 +43,12 @@ def test_chain_of_commands_runs_and_reruns_reuse_finished_steps(tmp_path, capsys
 
     assert (tmp_path / "s1" / CONFIG_FILE).exists() and (tmp_path / "s2" / CONFIG_FILE).exists()  # the preset's
     assert main(["eval-toy", "--model", str(tmp_path / "s2"), "--shards", str(toy / "test-*.tar"), "--n", "4",
-                 "--json", str(tmp_path / "eval.json")]) == 0
+                 "--num-beams", "2", "--json", str(tmp_path / "eval.json")]) == 0
     out = capsys.readouterr().out
-    assert "forced choice" in out and "direction_within_axis" in out
+    assert "forced choice" in out and "direction_within_axis" in out and "beam search, 2 beams" in out
     report = json.loads((tmp_path / "eval.json").read_text())
-    assert report["generation"]["n"] == 4 and report["frames"] == 4
+    assert report["generation"]["n"] == 4 and report["frames"] == 4 and report["num_beams"] == 2
+    assert sum(g["clips"] for g in report["generation_by_event_count"].values()) == 4
     assert report["forced_choice"]["n_direction"] + report["forced_choice"]["n_order"] >= 1
 
 

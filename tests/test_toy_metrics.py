@@ -297,3 +297,18 @@ def test_frame_caption_scores_count_shapes_by_colour_and_ignore_object_order(fra
 def test_frame_caption_scores_refuse_a_reference_without_objects():
     with pytest.raises(ValueError, match="reference 0 names no object"):
         score_static(["a red circle."], ["the red circle moves left."])
+
+
+def test_score_by_event_count_scores_one_and_two_event_clips_apart():
+    from captioner.toy_metrics import score_by_event_count
+
+    refs = ["the red circle moves left.", "the blue square grows, then the red circle appears.",
+            "the green triangle rotates."]
+    preds = ["the red circle moves left.", "the blue square grows.", "the green triangle shrinks."]
+    groups = score_by_event_count(preds, refs)
+    assert list(groups) == ["1_event", "2_event"]
+    assert groups["1_event"]["clips"] == 2 and groups["1_event"]["action"] == 0.5
+    assert groups["2_event"]["clips"] == 1 and groups["2_event"]["action"] == 0.5  # the second event unsaid
+    assert groups["2_event"]["exact"] == 0.0
+    with pytest.raises(ValueError, match="2 predictions but 3 references"):
+        score_by_event_count(preds[:2], refs)
