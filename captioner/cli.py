@@ -223,7 +223,7 @@ def _eval_toy(args: argparse.Namespace) -> int:
 
     from captioner.evaluate import evaluate_toy, forced_choice_toy, load_eval_clips
     from captioner.load import load_captioner
-    from captioner.toy_metrics import score_by_event_count
+    from captioner.toy_metrics import score_by_event_count, two_event_misses
 
     if args.num_beams < 1:
         raise ValueError(f"--num-beams must be >= 1, got {args.num_beams}")
@@ -245,6 +245,10 @@ def _eval_toy(args: argparse.Namespace) -> int:
         print(f"  {name:<34}" + "".join(f"{'-' if v is None else format(v, '.3f'):>{w}}"
                                         for v, w in zip(cells, [8] + [9] * len(groups))))
     print(f"  {'clips':<34}{len(clips):>8}" + "".join(f"{groups[g]['clips']:>9}" for g in groups))
+    misses = two_event_misses([p for _, p, _ in report["examples"]], refs)
+    if misses:
+        print("two-event clips, by what went wrong (events aligned by position):")
+        print("  " + ", ".join(f"{kind} {n}" for kind, n in misses.items()))
     print("forced choice by likelihood, true caption against its flipped twin (chance 0.5):")
     for name in ("direction", "order"):
         print(f"  {name:<22} {'-' if fc[name] is None else format(fc[name], '.3f')}  (n={fc['n_' + name]})")
@@ -252,7 +256,8 @@ def _eval_toy(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({"command": "captioner " + " ".join(sys.argv[1:]), "model": args.model,
                                                "shards": args.shards, "mode": args.mode, "frames": frames,
                                                "num_beams": args.num_beams, "generation": m,
-                                               "generation_by_event_count": groups, "forced_choice": fc,
+                                               "generation_by_event_count": groups,
+                                               "two_event_misses": misses, "forced_choice": fc,
                                                "examples": report["examples"][:20]}, indent=2) + "\n")
     return 0
 

@@ -279,6 +279,40 @@ def score_by_event_count(predictions: list[str], references: list[str]) -> dict[
     return {name: {**score(*g), "clips": len(g[0])} for name, g in sorted(groups.items())}
 
 
+def two_event_misses(predictions: list[str], references: list[str]) -> dict[str, int]:
+    """What went wrong in the captions of two-event clips: clips by kind of miss, most frequent first.
+
+    Per two-event reference: 'exact'; 'unparsed' or 'said N event(s)' when the caption does not give two
+    events; 'order swapped' when it gives both events the other way round; else, for each event k
+    (aligned by position), 'event k: right', 'event k: object' (shape or colour wrong, action right),
+    'event k: action', 'event k: object and action' (another object's event, or none that happened) or
+    'event k: recolour target'.
+    One-event references are left out.
+    """
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
+    out: Counter = Counter()
+    for pred_text, ref_text in zip(predictions, references):
+        ref = parse_caption(ref_text)
+        if ref is None or len(ref) != 2:
+            continue
+        pred = parse_caption(pred_text)
+        if pred is None:
+            out["unparsed"] += 1
+        elif len(pred) != 2:
+            out[f"said {len(pred)} event(s)"] += 1
+        elif pred == ref:
+            out["exact"] += 1
+        elif pred[::-1] == ref:
+            out["order swapped"] += 1
+        else:
+            for k, (p, r) in enumerate(zip(pred, ref), 1):
+                obj, act = (p.colour, p.shape) != (r.colour, r.shape), p.action != r.action
+                out[f"event {k}: " + ("object and action" if obj and act else "object" if obj else "action" if act
+                                       else "recolour target" if p != r else "right")] += 1
+    return dict(out.most_common())
+
+
 def score_by_axis(predictions: list[str], references: list[str], align: str = "position",
                   by: str = "axis") -> dict[str, dict]:
     """Event-level accuracy split by the `AXIS` of each reference event, or by its action (aligned as in `score`).

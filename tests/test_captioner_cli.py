@@ -49,6 +49,8 @@ def test_chain_of_commands_runs_and_reruns_reuse_finished_steps(tmp_path, capsys
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["generation"]["n"] == 4 and report["frames"] == 4 and report["num_beams"] == 2
     assert sum(g["clips"] for g in report["generation_by_event_count"].values()) == 4
+    two = report["generation_by_event_count"].get("2_event", {}).get("clips", 0)
+    assert sum(n for k, n in report["two_event_misses"].items() if not k.startswith("event 2")) == two
     assert report["forced_choice"]["n_direction"] + report["forced_choice"]["n_order"] >= 1
 
 

@@ -312,3 +312,15 @@ def test_score_by_event_count_scores_one_and_two_event_clips_apart():
     assert groups["2_event"]["exact"] == 0.0
     with pytest.raises(ValueError, match="2 predictions but 3 references"):
         score_by_event_count(preds[:2], refs)
+
+
+def test_two_event_misses_say_whether_the_object_the_action_or_the_order_went_wrong():
+    from captioner.toy_metrics import two_event_misses
+
+    ref = "the blue square grows, then the red circle appears."
+    preds = [ref, "the red circle appears, then the blue square grows.", "the blue square grows.",
+             "the blue triangle grows, then the red circle disappears.", "a blue square, please.",
+             "the blue square grows, then the red circle turns green."]
+    assert two_event_misses(preds + ["x"], [ref] * 6 + ["the green triangle rotates."]) == {
+        "exact": 1, "order swapped": 1, "said 1 event(s)": 1, "event 1: object": 1, "event 2: action": 2,
+        "unparsed": 1, "event 1: right": 1}
