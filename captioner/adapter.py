@@ -29,6 +29,7 @@ so `AutoModelForImageTextToText` still loads the checkpoint (without the adapter
 from __future__ import annotations
 
 import json
+import types
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields as dataclass_fields
 from pathlib import Path
@@ -137,17 +138,21 @@ def attach_adapter(model, cfg: AdapterConfig | None = None, still_frames: bool =
     ref = next(visual.parameters())
     adapter = TemporalAdapter(cfg).to(ref.device, ref.dtype)
     visual.temporal_adapter = adapter  # under 'visual': frozen and trained with the vision side
-    merge = int(visual.spatial_merge_size)
-    plain = core.get_video_features
+    # a method bound to this model (not a closure over it): a deep copy of the model gets its own
+    core.get_video_features = types.MethodType(_adapted_video_features, core)
+    return adapter
 
-    def get_video_features(pixel_values_videos, video_grid_thw=None, **kwargs):
-        out = plain(pixel_values_videos, video_grid_thw, **kwargs)
+
+def _adapted_video_features(core, pixel_values_videos, video_grid_thw=None, **kwargs):
+    """The model class's own `get_video_features`, then the tower's temporal adapter, looked up at call time
+    (so `detached` and copies see what is attached to them)."""
+    out = type(core).get_video_features(core, pixel_values_videos, video_grid_thw, **kwargs)
+    adapter = getattr(core.visual, "temporal_adapter", None)
+    if adapter is not None:
+        merge = int(core.visual.spatial_merge_size)
         grids = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in video_grid_thw.tolist()]
         out.pooler_output = tuple(adapter.forward_many(list(out.pooler_output), grids))
-        return out
-
-    core.get_video_features = get_video_features
-    return adapter
+    return out
 
 
 def save_adapter(model, directory: str | Path) -> None:

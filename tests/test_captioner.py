@@ -322,6 +322,23 @@ def test_new_temporal_adapter_is_the_identity_and_sees_only_video(tiny_dir, clip
         assert torch.equal(cap.model(**img).logits, fresh(**img).logits)  # images never pass through it
 
 
+def test_a_deep_copy_of_a_model_with_an_adapter_runs_its_own_adapter(tiny_dir, clips):
+    import copy
+
+    from captioner.adapter import adapter_of, attach_adapter
+
+    cap = load_captioner(str(tiny_dir), device="cpu")
+    attach_adapter(cap.model)
+    enc = cap.inputs([Budgeted(clips[0], clips[0].frames, 0)], VIDEO)
+    twin = copy.deepcopy(cap.model)
+    with torch.no_grad():
+        before = cap.model(**enc).logits
+        for p in adapter_of(twin).up.parameters():
+            p.normal_(std=0.5)
+        assert not torch.allclose(twin(**enc).logits, before)  # the copy's adapter, not the original's
+        assert torch.equal(cap.model(**enc).logits, before)
+
+
 def test_visual_stage_with_adapter_saves_a_plain_checkpoint_beside_it(tiny_dir, toy, tmp_path):
     from transformers import AutoModelForImageTextToText
 
