@@ -38,6 +38,12 @@ TINY_CONFIGS: dict[str, dict] = {
                        "vision_width": 96},
     # 7-px patches: 4x the visual tokens of a frame, about 2x the training time; the base model names the
     # shape of unseen toy frames 0.83 of the time against 0.76 with 14-px patches (4000 image steps)
+    # M-RoPE that turns for a 4x4 grid of merged tokens: at rope_theta 1e4 with sections [4, 2, 2] of 8 frequency
+    # pairs, rows and columns get the two lowest pairs each (<= 0.01 rad per position), so the language model can
+    # hardly tell where a visual token sits; theta 10 with [2, 3, 3] turns 0.13-0.56 rad per row or column.
+    # Measured: worse on the quick preset, its base reading shapes less (README, Benchmarks)
+    "qwen2-vl-tiny-rope": {"layers": 2, "width": 64, "heads": 4, "kv_heads": 2, "vision_layers": 2, "vision_width": 64,
+                           "rope_theta": 10.0, "mrope_section": [2, 3, 3]},
     "qwen2-vl-tiny-p7": {"layers": 2, "width": 64, "heads": 4, "kv_heads": 2, "vision_layers": 2,
                          "vision_width": 64, "patch": 7},
 }
@@ -145,13 +151,16 @@ def build_tiny(out: str | Path, vocab_from: str | None = None, name: str = "qwen
     ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     head_dim = spec["width"] // spec["heads"]
     half = head_dim // 2
-    mrope = [half - 2 * (half // 3), half // 3, half // 3]  # temporal, height, width; sums to head_dim / 2
+    mrope = list(spec.get("mrope_section") or [half - 2 * (half // 3), half // 3, half // 3])  # temporal, h, w
+    if sum(mrope) != half:
+        raise ValueError(f"tiny config {name!r}: mrope_section {mrope} must sum to head_dim / 2 = {half}")
     config = Qwen2VLConfig(
         text_config=dict(
             vocab_size=len(tok), hidden_size=spec["width"], intermediate_size=spec["width"] * 4,
             num_hidden_layers=spec["layers"], num_attention_heads=spec["heads"],
             num_key_value_heads=spec["kv_heads"], max_position_embeddings=4096,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope},
+            rope_parameters={"rope_type": "default", "rope_theta": float(spec.get("rope_theta", 1e4)),
+                             "mrope_section": mrope},
             bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
             tie_word_embeddings=True),
         vision_config=dict(depth=spec["vision_layers"], embed_dim=spec["vision_width"],

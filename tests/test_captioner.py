@@ -463,6 +463,17 @@ def test_tiny_config_with_7px_patches_keeps_processor_and_model_in_step(tmp_path
         build_tiny(tmp_path / "bad", name="qwen2-vl-tiny-p7", image_size=120)
 
 
+def test_tiny_config_sets_the_language_models_m_rope(tmp_path, monkeypatch):
+    from captioner import tiny
+
+    cfg = json.loads((build_tiny(tmp_path / "rope", name="qwen2-vl-tiny-rope") / "config.json").read_text())
+    assert cfg["text_config"]["rope_parameters"] == {"rope_type": "default", "rope_theta": 10.0,
+                                                     "mrope_section": [2, 3, 3]}
+    monkeypatch.setitem(tiny.TINY_CONFIGS, "bad", {**tiny.TINY_CONFIGS["qwen2-vl-tiny"], "mrope_section": [4, 4, 4]})
+    with pytest.raises(ValueError, match=r"mrope_section \[4, 4, 4\] must sum to head_dim / 2 = 8"):
+        build_tiny(tmp_path / "bad", name="bad")
+
+
 def test_batched_greedy_equals_one_by_one_through_a_trained_adapter(tiny_dir, clips):
     from captioner.adapter import attach_adapter
 
