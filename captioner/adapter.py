@@ -34,6 +34,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields as dataclass_fields
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -109,8 +110,6 @@ def frame_repeat(model) -> int:
 
 def video_input(frames, repeat: int):
     """Frames [T, ...] as the video processor should get them: each ``repeat`` times in a row (`frame_repeat`)."""
-    import numpy as np
-
     return frames if repeat == 1 else np.repeat(frames, repeat, axis=0)
 
 

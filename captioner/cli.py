@@ -236,7 +236,8 @@ def _eval_toy(args: argparse.Namespace) -> int:
                           num_beams=args.num_beams)
     fc = forced_choice_toy(cap, clips, refs, mode=args.mode)
     m = report["metrics"]
-    groups = score_by_event_count([p for _, p, _ in report["examples"]], refs)
+    preds = [p for _, p, _ in report["examples"]]
+    groups = score_by_event_count(preds, refs)
     decoding = "greedy" if args.num_beams == 1 else f"beam search, {args.num_beams} beams"
     print(f"{args.model} on {len(clips)} clip(s) of {args.shards} ({args.mode}, {frames} frames, {decoding}):")
     print(f"{'generated captions against gt.txt:':<36}{'all':>8}" + "".join(f"{g:>9}" for g in groups))
@@ -245,7 +246,7 @@ def _eval_toy(args: argparse.Namespace) -> int:
         print(f"  {name:<34}" + "".join(f"{'-' if v is None else format(v, '.3f'):>{w}}"
                                         for v, w in zip(cells, [8] + [9] * len(groups))))
     print(f"  {'clips':<34}{len(clips):>8}" + "".join(f"{groups[g]['clips']:>9}" for g in groups))
-    misses = two_event_misses([p for _, p, _ in report["examples"]], refs)
+    misses = two_event_misses(preds, refs)
     if misses:
         print("two-event clips, by what went wrong (events aligned by position):")
         print("  " + ", ".join(f"{kind} {n}" for kind, n in misses.items()))

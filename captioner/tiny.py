@@ -38,14 +38,14 @@ TINY_CONFIGS: dict[str, dict] = {
                        "vision_width": 96},
     # 7-px patches: 4x the visual tokens of a frame, about 2x the training time; the base model names the
     # shape of unseen toy frames 0.83 of the time against 0.76 with 14-px patches (4000 image steps)
+    "qwen2-vl-tiny-p7": {"layers": 2, "width": 64, "heads": 4, "kv_heads": 2, "vision_layers": 2,
+                         "vision_width": 64, "patch": 7},
     # M-RoPE that turns for a 4x4 grid of merged tokens: at rope_theta 1e4 with sections [4, 2, 2] of 8 frequency
     # pairs, rows and columns get the two lowest pairs each (<= 0.01 rad per position), so the language model can
     # hardly tell where a visual token sits; theta 10 with [2, 3, 3] turns 0.13-0.56 rad per row or column.
     # Measured: worse on the quick preset, its base reading shapes less (README, Benchmarks)
     "qwen2-vl-tiny-rope": {"layers": 2, "width": 64, "heads": 4, "kv_heads": 2, "vision_layers": 2, "vision_width": 64,
                            "rope_theta": 10.0, "mrope_section": [2, 3, 3]},
-    "qwen2-vl-tiny-p7": {"layers": 2, "width": 64, "heads": 4, "kv_heads": 2, "vision_layers": 2,
-                         "vision_width": 64, "patch": 7},
 }
 
 

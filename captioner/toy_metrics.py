@@ -268,12 +268,18 @@ def score_by_event_count(predictions: list[str], references: list[str]) -> dict[
 
     Returns:
         ``{"1_event": {**metrics, "clips": n}, "2_event": {...}}`` for the counts present.
+
+    Raises:
+        ValueError: as `score` (lengths differ, a reference outside the grammar).
     """
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     groups: dict[str, tuple[list[str], list[str]]] = {}
-    for pred, ref in zip(predictions, references):
-        g = groups.setdefault(f"{len(parse_caption(ref))}_event", ([], []))
+    for k, (pred, ref) in enumerate(zip(predictions, references)):
+        events = parse_caption(ref)
+        if events is None:
+            raise ValueError(f"reference {k} is not in the toy grammar: {ref!r}")
+        g = groups.setdefault(f"{len(events)}_event", ([], []))
         g[0].append(pred)
         g[1].append(ref)
     return {name: {**score(*g), "clips": len(g[0])} for name, g in sorted(groups.items())}

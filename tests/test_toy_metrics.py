@@ -312,6 +312,8 @@ def test_score_by_event_count_scores_one_and_two_event_clips_apart():
     assert groups["2_event"]["exact"] == 0.0
     with pytest.raises(ValueError, match="2 predictions but 3 references"):
         score_by_event_count(preds[:2], refs)
+    with pytest.raises(ValueError, match="reference 1 is not in the toy grammar"):
+        score_by_event_count(preds[:2], refs[:1] + ["a red circle."])
 
 
 def test_two_event_misses_say_whether_the_object_the_action_or_the_order_went_wrong():
