@@ -1,6 +1,7 @@
 """The toy base image VLM (text stage, then image stage) with a shape-naming curve on held-out frames.
 
     python bench/captioner_base.py NAME [--image-lr 2e-3] [--image-weight 3] [--init-seed 1] [--vision-width 128]
+                                        [--vision-lr-scale 4] [--adam-beta2 0.95]
     python bench/captioner_base.py NAME --score CKPT [--score CKPT ...]   # only score existing bases
 
 Trains the full preset's base (1500 text steps at 2e-3, then --image-steps image steps) from a fresh tiny
@@ -50,6 +51,9 @@ def main(argv=None) -> int:
     ap.add_argument("--image-weight", type=int, default=1, help="image batches per text batch in the image stage "
                     "(TrainConfig.input_weights; preset: 1)")
     ap.add_argument("--image-wd", type=float, default=0.0, help="image stage weight decay")
+    ap.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW's second-moment decay in both stages")
+    ap.add_argument("--vision-lr-scale", type=float, default=1.0, help="image stage: the vision side trains at the "
+                    "learning rate times this")
     ap.add_argument("--points", type=int, default=4, help="curve points over the image stage")
     ap.add_argument("--score", action="append", default=[], metavar="CKPT",
                     help="only score these checkpoints (repeatable)")
@@ -96,9 +100,10 @@ def main(argv=None) -> int:
         print(json.dumps(curve[-1]), flush=True)
 
     train(TrainConfig(stage="lm", model=str(out / "init"), shards=data, out=str(out / "lm"), steps=1500, lr=2e-3,
-                      seed=args.seed), progress=False)
+                      seed=args.seed, adam_beta2=args.adam_beta2), progress=False)
     summary = train(TrainConfig(stage="image", model=str(out / "lm"), shards=data, out=str(out / "base"),
                                 steps=args.image_steps, lr=args.image_lr, seed=args.seed, weight_decay=args.image_wd,
+                                vision_lr_scale=args.vision_lr_scale, adam_beta2=args.adam_beta2,
                                 input_weights={"image": args.image_weight} if args.image_weight != 1 else {},
                                 save_every=args.image_steps // args.points), progress=False, on_checkpoint=point)
     result.update(args=vars(args), spec=spec, curve=curve, image_loss=summary["loss"],

@@ -3,8 +3,8 @@
 Usage: python bench/captioner_toy.py [--preset quick|full] [--work bench/work/captioner] [--eval-n 200]
            [--config qwen2-vl-tiny] [--frames N] [--steps STAGE=N ...] [--data SPLIT=N ...] [--two-event N]
            [--two-event-visual] [--eval-large N] [--task-weight TYPE=N ...] [--batch-size STAGE=N ...]
-           [--pack | --no-pack] [--init-seed N] [--image-weight N] [--base CKPT]
-           [--train-vision PARTS] [--rehearse N] [--language-extra N]
+           [--pack | --no-pack] [--init-seed N] [--image-weight N] [--vision-lr-scale X] [--adam-beta2 STAGE=X]
+           [--base CKPT] [--train-vision PARTS] [--rehearse N] [--language-extra N]
 
 Writes bench/results/captioner_toy[_full].json: per-attribute accuracy (object, colour, action,
 direction within its axis, event order, exact match; see captioner/toy_metrics.py) on the `test`
@@ -116,6 +116,10 @@ def main(argv=None) -> int:
                     "(repeatable; captioner adapt --task-weight)")
     ap.add_argument("--lr", action="append", default=[], metavar="STAGE=X",
                     help="override one stage's peak learning rate, e.g. --lr image=2e-3 (repeatable)")
+    ap.add_argument("--adam-beta2", action="append", default=[], metavar="STAGE=X",
+                    help="override one stage's AdamW second-moment decay, e.g. --adam-beta2 image=0.95 (repeatable)")
+    ap.add_argument("--vision-lr-scale", type=float, metavar="X", help="image stage: the vision side trains at its "
+                    "learning rate times X (captioner pretrain-toy --vision-lr-scale; default: the preset's)")
     ap.add_argument("--batch-size", action="append", default=[], metavar="STAGE=N",
                     help="override one stage's batch size, e.g. --batch-size language=3 (repeatable)")
     ap.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
@@ -150,8 +154,9 @@ def main(argv=None) -> int:
         raise SystemExit("--train-vision adapter leaves the still frames nothing to train: add --rehearse 0")
     if two_event < 0:
         raise SystemExit(f"--two-event must be >= 0, got {two_event}")
-    if args.base and (args.init_seed or args.image_weight):
-        raise SystemExit("--base replaces the base's stages: --init-seed and --image-weight do not apply to it")
+    if args.base and (args.init_seed or args.image_weight or args.vision_lr_scale is not None):
+        raise SystemExit("--base replaces the base's stages: --init-seed, --image-weight and --vision-lr-scale do "
+                         "not apply to it")
     if args.two_event_visual and not two_event:
         raise SystemExit("--two-event-visual needs two-event clips: --two-event N with N >= 1")
     work = Path(args.work) / (args.preset + ("" if args.config == "qwen2-vl-tiny" else f"-{args.config}")
@@ -167,6 +172,10 @@ def main(argv=None) -> int:
                               + "".join(f"-{x.replace('=', '')}" for x in args.steps + args.data + args.task_weight)
                               + "".join(f"-batch{x.replace('=', '')}" for x in args.batch_size)
                               + "".join(f"-lr{x.replace('=', '')}" for x in args.lr)
+                              + "".join(f"-beta2{x.replace('=', '')}" for x in args.adam_beta2)
+                              + (f"-visionlr{args.vision_lr_scale:g}" if args.vision_lr_scale is not None
+                                 and args.vision_lr_scale != PRESETS[args.preset]["image"].get("vision_lr_scale", 1)
+                                 else "")
                               + ({True: "-pack", False: "-nopack", None: ""}[args.pack])
                               + (f"-two{two_event}" if two_event != TWO_EVENT[args.preset] else "")
                               + ("-twovisual" if args.two_event_visual else "")
@@ -187,9 +196,19 @@ def main(argv=None) -> int:
             preset[stage]["lr"] = float(value)
         except ValueError:
             raise SystemExit(f"--lr {item!r}: {value!r} is not a number") from None
+    for item in args.adam_beta2:
+        stage, _, value = item.partition("=")
+        if stage not in preset:
+            raise SystemExit(f"--adam-beta2 takes STAGE=X with STAGE one of {', '.join(preset)}, got {item!r}")
+        try:
+            preset[stage]["adam_beta2"] = float(value)
+        except ValueError:
+            raise SystemExit(f"--adam-beta2 {item!r}: {value!r} is not a number") from None
     for item in args.batch_size:
         stage, n = _override(item, preset, "--batch-size")
         preset[stage]["batch_size"] = n
+    if args.vision_lr_scale is not None:
+        preset["image"]["vision_lr_scale"] = args.vision_lr_scale
     if args.pack is not None:
         preset["language"]["pack"] = args.pack
     if args.still_frames is not None:

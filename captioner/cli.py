@@ -44,6 +44,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    "per stage; flags below override them")
     p.add_argument("--steps", type=int, help="optimizer steps")
     p.add_argument("--lr", type=float, help="peak learning rate (warm-up, then cosine decay)")
+    p.add_argument("--adam-beta2", type=float, help="AdamW's second-moment decay (default: the preset's, else "
+                   "0.999, torch's)")
+    p.add_argument("--vision-lr-scale", type=float, help="image and visual stages: the vision side's parameters "
+                   "train at the learning rate times this (default: the preset's, else 1)")
     p.add_argument("--batch-size", type=int, help="examples per micro-batch (clips with --pack; default: the "
                    "preset's, else 16)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
@@ -94,9 +98,12 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
         kw.pop("pack", None)
     if stage != "visual":  # likewise its frame layout (--still-frames elsewhere is refused)
         kw.pop("still_frames", None)
-    for name in ("steps", "lr", "frames", "temporal_adapter", "still_frames", "weight_decay", "batch_size", "pack"):
+    for name in ("steps", "lr", "frames", "temporal_adapter", "still_frames", "weight_decay", "batch_size", "pack",
+                 "vision_lr_scale", "adam_beta2"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
+    if stage == "lm":  # pretrain-toy's text stage trains no vision side; its image stage takes the scale
+        kw.pop("vision_lr_scale", None)
     if stage != "visual":
         kw.pop("temporal_adapter", None)
         kw.pop("vision_parts", None)

@@ -64,6 +64,13 @@ class TrainConfig:
     min_lr_ratio: float = 0.1  # cosine decay ends at lr * this
     warmup: int = 20
     weight_decay: float = 0.0
+    # AdamW's second-moment decay. 0.999 (torch's default) remembers the large gradients of the first steps for
+    # thousands of steps, and a tiny model's image stage then sits for 2000-11000 steps on a plateau where it
+    # reads colours but names shapes at chance; 0.95 (common for transformers) leaves it within 3000 (README)
+    adam_beta2: float = 0.999
+    # the vision side's parameters train at lr * this (image and visual stages): in the image stage the tiny
+    # tower learns shapes far slower than the language model learns to talk about them
+    vision_lr_scale: float = 1.0
     frames: int = 8  # frames per clip, uniformly sampled
     max_samples: int = 0  # 0: every sample of the shards
     seed: int = 0
@@ -102,6 +109,13 @@ class TrainConfig:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             problems.append(f"--lr must be > 0, got {self.lr}")
+        if not 0 < self.adam_beta2 < 1:
+            problems.append(f"--adam-beta2 must be in (0, 1), got {self.adam_beta2}")
+        if not self.vision_lr_scale > 0:
+            problems.append(f"--vision-lr-scale must be > 0, got {self.vision_lr_scale}")
+        elif self.vision_lr_scale != 1 and self.stage not in ("image", "visual"):
+            problems.append(f"--vision-lr-scale applies to the stages that train the vision side (image, visual), "
+                            f"not {self.stage!r}")
         if self.warmup < 0 or self.max_samples < 0 or self.save_every < 0:
             problems.append("--warmup, --max-samples and --save-every must be >= 0")
         bad = {k: v for k, v in self.task_weights.items() if not (isinstance(k, str) and k and
@@ -619,6 +633,20 @@ def batch_plan(examples: list[Example], cfg: TrainConfig):
 
 # --------------------------------------------------------------------------- checkpoints
 
+def param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """The optimizer's parameter groups of ``model``'s trainable parameters: matrices decay with
+    ``cfg.weight_decay``, norms and biases do not; the vision side's (``.visual.`` in the name) carry
+    ``lr_scale = cfg.vision_lr_scale``, which the loop multiplies into the schedule's learning rate."""
+    groups: dict[tuple[float, float], list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = cfg.weight_decay if p.ndim >= 2 else 0.0
+        scale = cfg.vision_lr_scale if ".visual." in f".{name}" else 1.0
+        groups.setdefault((decay, scale), []).append(p)
+    return [{"params": ps, "weight_decay": decay, "lr_scale": scale} for (decay, scale), ps in groups.items()]
+
+
 def _lr_at(step: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -634,7 +662,8 @@ def read_state(out: str | Path) -> dict | None:
 # what a run is: resuming with any of these changed would mix two runs in one checkpoint
 RUN_FIELDS = ("stage", "model", "shards", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup",
               "weight_decay", "frames", "max_samples", "seed", "lora", "lora_rank", "temporal_adapter",
-              "still_frames", "task_weights", "pack", "input_weights", "vision_parts")
+              "still_frames", "task_weights", "pack", "input_weights", "vision_parts", "vision_lr_scale",
+              "adam_beta2")
 
 
 def config_changes(state: dict, cfg: TrainConfig, fields: tuple[str, ...] = RUN_FIELDS) -> list[str]:
@@ -758,11 +787,8 @@ def train(cfg: TrainConfig, progress: bool = True,
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"stage {cfg.stage!r} leaves no trainable parameter in {source}")
-    groups: list = params
-    if cfg.weight_decay:  # matrices decay; norms and biases do not (one group without decay: older checkpoints)
-        groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                  {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0)  # torch defaults to 0.01
+    optimizer = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, cfg.adam_beta2),
+                                  weight_decay=0.0)  # torch's default decay: 0.01
     start = 0
     if state:
         blob = torch.load(out / "optimizer.pt", weights_only=False)
@@ -795,7 +821,7 @@ def train(cfg: TrainConfig, progress: bool = True,
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.stage}", unit="step", disable=not progress)
     for step in range(start, cfg.steps):
         for g in optimizer.param_groups:
-            g["lr"] = _lr_at(step, cfg)
+            g["lr"] = _lr_at(step, cfg) * g.get("lr_scale", 1.0)
         optimizer.zero_grad(set_to_none=True)
         loss_sum = 0.0
         for micro in range(cfg.grad_accum):

@@ -185,6 +185,44 @@ def test_weight_decay_shrinks_matrices_not_norms_and_resumes_exactly(tiny_dir, t
         (k, float(a[k].norm() / before[k].norm())) for k in matrices if a[k].norm() >= 0.8 * before[k].norm()]
 
 
+def test_vision_lr_scale_and_adam_beta2_shape_the_optimizer_and_resume_exactly(tiny_dir, toy, tmp_path):
+    from captioner.train import TrainConfig, train
+
+    # Adam's first step moves each weight with a gradient by about its learning rate, whatever the gradient's size
+    kw = dict(stage="image", model=str(tiny_dir), shards=str(toy / "pretrain-*.tar"), steps=1, batch_size=4,
+              lr=1e-3, warmup=1, min_lr_ratio=1.0)
+    train(TrainConfig(out=str(tmp_path / "plain"), **kw), progress=False)
+    train(TrainConfig(out=str(tmp_path / "scaled"), vision_lr_scale=8.0, **kw), progress=False)
+    before, plain, scaled = _params(tiny_dir), _params(tmp_path / "plain"), _params(tmp_path / "scaled")
+    vision = [k for k in before if ".visual." in f".{k}" and not torch.equal(before[k], plain[k])]
+    lm = [k for k in before if ".visual." not in f".{k}" and not torch.equal(before[k], plain[k])]
+    assert vision and lm
+
+    def step(after, keys):
+        return max(float((after[k] - before[k]).abs().max()) for k in keys)
+
+    assert step(plain, vision) == pytest.approx(1e-3, rel=0.05)
+    assert step(scaled, vision) == pytest.approx(8e-3, rel=0.05)
+    assert all(torch.equal(plain[k], scaled[k]) for k in lm)  # the same first gradients, the same lr
+    # the scale and AdamW's beta2 are part of the run, and a cut run resumes with them
+    kw.update(steps=4, vision_lr_scale=8.0, adam_beta2=0.95, min_lr_ratio=0.1)
+    train(TrainConfig(out=str(tmp_path / "a"), **kw), progress=False)
+    groups = torch.load(tmp_path / "a" / "optimizer.pt", weights_only=False)["optimizer"]["param_groups"]
+    assert {g["lr_scale"] for g in groups} == {1.0, 8.0} and {tuple(g["betas"]) for g in groups} == {(0.9, 0.95)}
+    train(TrainConfig(out=str(tmp_path / "b"), stop_at=2, **kw), progress=False)
+    for field, value in (("vision_lr_scale", 1.0), ("adam_beta2", 0.999)):
+        with pytest.raises(ValueError, match=rf"{field}: .* -> {value}"):
+            train(TrainConfig(out=str(tmp_path / "b"), resume=True, **{**kw, field: value}), progress=False)
+    train(TrainConfig(out=str(tmp_path / "b"), resume=True, **kw), progress=False)
+    a, b = _params(tmp_path / "a"), _params(tmp_path / "b")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    for stage in ("lm", "language"):  # stages that train no vision side refuse it
+        with pytest.raises(ValueError, match="--vision-lr-scale applies to the stages that train the vision side"):
+            TrainConfig(stage=stage, model="m", shards="s", out="o", vision_lr_scale=2.0)
+    with pytest.raises(ValueError, match=r"--adam-beta2 must be in \(0, 1\)"):
+        TrainConfig(stage="lm", model="m", shards="s", out="o", adam_beta2=1.0)
+
+
 @pytest.mark.parametrize("stage,moves", [("visual", "visual."), ("language", "layers.0.mlp")])
 def test_adaptation_stages_freeze_the_other_side(tiny_dir, toy, tmp_path, stage, moves):
     from captioner.train import TrainConfig, train
