@@ -69,3 +69,19 @@ def test_bad_flags_are_named(tmp_path, capsys):
                          (["--stage", "visual", "--pack"], "--pack applies to the language stage")):
         assert main(["adapt", "--model", "x", "--shards", "y", "--out", str(tmp_path), *flags]) == 2
         assert named in capsys.readouterr().err
+
+
+def test_presets_and_flags_set_the_optimizer_of_each_stage():
+    from captioner.cli import _config, build_parser
+
+    def config(stage, *flags):
+        args = build_parser().parse_args(["adapt", "--stage", "visual", "--model", "m", "--shards", "s", "--out", "o",
+                                          *flags])
+        return _config(args, stage, "m", "o")
+
+    # the full preset runs every stage at AdamW beta2 0.95 (its image stage leaves the shape plateau early)
+    assert {config(stage, "--preset", "full").adam_beta2 for stage in ("lm", "image", "visual", "language")} == {0.95}
+    assert config("visual").adam_beta2 == 0.999  # the quick preset keeps torch's default
+    assert config("image", "--preset", "full", "--adam-beta2", "0.9").adam_beta2 == 0.9
+    assert config("image", "--vision-lr-scale", "4").vision_lr_scale == 4.0
+    assert config("lm", "--vision-lr-scale", "4").vision_lr_scale == 1.0  # pretrain-toy's text stage has no vision
