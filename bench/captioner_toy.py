@@ -79,6 +79,16 @@ def _override(item: str, valid: dict, flag: str) -> tuple[str, int]:
     return name, int(value)
 
 
+def _float_override(item: str, valid: dict, flag: str) -> tuple[str, float]:
+    name, _, value = item.partition("=")
+    if name not in valid:
+        raise SystemExit(f"{flag} takes STAGE=X with STAGE one of {', '.join(valid)}, got {item!r}")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise SystemExit(f"{flag} {item!r}: {value!r} is not a number") from None
+
+
 def by_event_count(examples: list) -> dict:
     """The metrics of (key, prediction, reference) triples, apart for references with one and with two events."""
     groups = score_by_event_count([p for _, p, _ in examples], [r for _, _, r in examples])
@@ -188,22 +198,10 @@ def main(argv=None) -> int:
     for item in args.steps:
         stage, n = _override(item, preset, "--steps")
         preset[stage]["steps"] = n
-    for item in args.lr:
-        stage, _, value = item.partition("=")
-        if stage not in preset:
-            raise SystemExit(f"--lr takes STAGE=X with STAGE one of {', '.join(preset)}, got {item!r}")
-        try:
-            preset[stage]["lr"] = float(value)
-        except ValueError:
-            raise SystemExit(f"--lr {item!r}: {value!r} is not a number") from None
-    for item in args.adam_beta2:
-        stage, _, value = item.partition("=")
-        if stage not in preset:
-            raise SystemExit(f"--adam-beta2 takes STAGE=X with STAGE one of {', '.join(preset)}, got {item!r}")
-        try:
-            preset[stage]["adam_beta2"] = float(value)
-        except ValueError:
-            raise SystemExit(f"--adam-beta2 {item!r}: {value!r} is not a number") from None
+    for flag, field, items in (("--lr", "lr", args.lr), ("--adam-beta2", "adam_beta2", args.adam_beta2)):
+        for item in items:
+            stage, value = _float_override(item, preset, flag)
+            preset[stage][field] = value
     for item in args.batch_size:
         stage, n = _override(item, preset, "--batch-size")
         preset[stage]["batch_size"] = n
