@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     frames, labels = one_object_frames(args.frames, args.n)
     result = {"benchmark": "shape_probe", "command": "python bench/shape_probe.py " + " ".join(
-        argv if argv is not None else sys.argv[1:]), "frames": len(labels), "test_frames": len(labels) - len(labels) * 3 // 4,
+        argv if argv is not None else sys.argv[1:]), "frames": len(labels),
+        "test_frames": len(labels) - len(labels) * 3 // 4,
         "chance": round(float(max((labels == k).mean() for k in range(len(SHAPES)))), 3), "models": []}
     for model in args.model:
         t0 = time.perf_counter()
