@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from captioner.interface import Captioner
 
 
@@ -20,8 +22,13 @@ def load_captioner(model: str, backend: str = "hf", dtype: str = "auto", device:
 
     Raises:
         ValueError: unknown backend.
+        FileNotFoundError: ``model`` is a path (``./x``, ``/x``, ``~/x``, or more than one ``/``, which no hub
+            id has) and no directory is there.
         ImportError: vllm selected but not installed (names the extra).
     """
+    path = Path(model).expanduser()
+    if not path.is_dir() and (model.startswith((".", "/", "~")) or model.count("/") > 1):
+        raise FileNotFoundError(f"{model}: no checkpoint directory there (and a hub id is 'name' or 'org/name')")
     if backend == "hf":
         from captioner.backend_hf import HFCaptioner
 

@@ -54,6 +54,14 @@ def test_tiny_checkpoint_loads_like_a_real_one(tiny_dir):
     assert ids == [model.config.video_token_id, model.config.image_token_id]
 
 
+def test_a_missing_checkpoint_directory_is_named_not_sent_to_the_hub(tmp_path):
+    from captioner.load import load_captioner
+
+    for model in (str(tmp_path / "run" / "stage2"), "./stage2", "runs/full/stage2"):
+        with pytest.raises(FileNotFoundError, match="no checkpoint directory"):
+            load_captioner(model)
+
+
 @pytest.mark.parametrize("prompt", [VIDEO, FRAME], ids=["video", "image"])
 def test_batched_greedy_equals_one_by_one(cap, clips, prompt):
     params = GenerationParams(max_new_tokens=8)
