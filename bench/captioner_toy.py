@@ -37,7 +37,7 @@ from captioner.evaluate import (  # noqa: E402
 )
 from captioner.load import load_captioner  # noqa: E402
 from captioner.tiny import build_tiny  # noqa: E402
-from captioner.toy_metrics import score_by_axis, score_by_event_count  # noqa: E402
+from captioner.toy_metrics import score_by_axis, score_by_event_count, two_event_misses  # noqa: E402
 from captioner.train import RUN_FIELDS, TrainConfig, config_changes, read_state, train  # noqa: E402
 from engine.synth import SynthConfig, synth  # noqa: E402
 
@@ -298,7 +298,21 @@ def main(argv=None) -> int:
     if args.base:  # the base is given: its stages are not this run's
         del chain["lm"], chain["image"]
         result["base"] = {"checkpoint": str(base), "config": read_state(base).get("config")}
-        result.setdefault("uncounted_stages", []).extend(["lm", "image"])
+        # a base this bench trained (another run's work directory) left its stages' records beside it: their
+        # minutes count, so chain_cpu_min stays the whole chain's; a base trained elsewhere has none
+        records = {stage: ckpt / STAGE_RECORD for stage, ckpt in (("lm", base / "lm"), ("image", base))}
+        saved = {stage: json.loads(r.read_text()) for stage, r in records.items() if r.is_file()}
+        if len(saved) == 2 and all(saved[st].get("step") == (read_state(records[st].parent) or {}).get("step")
+                                   for st in saved):
+            for stage, rec in saved.items():
+                reused_cpu[0] += rec["cpu_min"]
+                reused_wall[0] += rec["stage"]["wall_s"]
+                result["stages"][stage] = rec["stage"]
+            result["reused_stages"].extend(["lm", "image"])
+            print(f"base {base}: counting the {sum(r['cpu_min'] for r in saved.values()):.2f} CPU-minutes its "
+                  f"{STAGE_RECORD} records say its stages took", flush=True)
+        else:
+            result.setdefault("uncounted_stages", []).extend(["lm", "image"])
     for stage in chain:  # before any training: a refusal should not come after an hour of it
         checked(stage)
 
@@ -411,6 +425,9 @@ def main(argv=None) -> int:
             action: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in m.items()}
             for action, m in score_by_axis([p for _, p, _ in r["examples"]], [ref for _, _, ref in r["examples"]],
                                            by="action").items()}
+        # two-event clips by kind of miss: which event (first or second) lost its object or its action
+        evals["c_stage1_2"]["test_large_two_event_misses"] = two_event_misses(
+            [p for _, p, _ in r["examples"]], [ref for _, _, ref in r["examples"]])
         print("c_stage1_2 on", large, "test clips", evals["c_stage1_2"]["test_large"], flush=True)
     result["evaluations"] = evals
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / (
