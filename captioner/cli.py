@@ -20,26 +20,26 @@ from captioner import __version__
 
 PRESETS: dict[str, dict[str, dict]] = {
     # per stage: TrainConfig overrides. 'quick' is the demo's default (the chain in about 6 CPU-minutes);
-    # 'full' about 50. Its image stage spends three steps in four on frames at lr 2e-3 for 20000 steps: the
-    # base names the shapes of held-out frames 0.885 / 0.94 of the time on two init seeds, where alternating
-    # frames and text at 1e-3 for 16000 gave 0.75 to 0.88 (bench/results/captioner_base_*.json). Stage 1 on
-    # clips alone lost most of that (0.565 / 0.545) and the chain spread (action 0.675 / 0.874 on 1000 test
-    # clips): given the base's still frames too, one batch in four (video=3 mixes clips and frames when the
-    # shards hold both), it keeps it and the two draws end at 0.830 / 0.821. The language stage runs on
-    # precomputed visual tokens, its data with 2000 extra two-event clips. Every full-preset stage runs AdamW
-    # with beta2 0.95: at torch's 0.999 the image stage sat 2000-11000 steps (by draw) on a plateau where it reads
-    # colours and names shapes at chance, and the base named held-out shapes 0.77-0.94; at 0.95 it leaves it by
-    # step 5000-6000 and names them 0.985 / 0.91, and the chain ends at action 0.891 / 0.846, exact 0.787 / 0.741
-    # on 1000 test clips (init seeds 0 / 1) against 0.802 / 0.621 for the same recipe at 0.999. Measured in
-    # bench/results/captioner_toy_full*.json (bench/captioner_toy.py makes the data).
+    # 'full' about 55. Its image stage spends three steps in four on frames at lr 2e-3 for 20000 steps; its
+    # stage 1 also gives the base's still frames one batch in four (video=3 mixes clips and frames when the
+    # shards hold both), which keeps the base's shape reading; the language stage runs on precomputed visual
+    # tokens, its data with 2000 extra two-event clips, each clip's pairs packed in one sequence, three clips
+    # a step. Every full-preset stage runs AdamW with beta2 0.95: at torch's 0.999 the image stage sat
+    # 2000-11000 steps (by draw) on a plateau where it names shapes at chance. Both adaptation stages sample
+    # 8 frames: at 4 (frames 2, 6, 9, 13 of a 16-frame clip, two Conv3d slices) the end state of a two-event
+    # clip's second event is in no sampled frame and its action was named wrong in most two-event clips; at
+    # 8 exact rose from 0.787 / 0.741 to 0.855 / 0.81 on 1000 test clips (init seeds 0 / 1), action 0.891 /
+    # 0.888 (4 frames: 0.891 / 0.846). Measured in bench/results/captioner_toy_full*.json and the log in
+    # bench/CAPTIONER_TOY.md (bench/captioner_toy.py makes the data).
     "quick": {"lm": {"steps": 600, "lr": 2e-3}, "image": {"steps": 4000, "lr": 1e-3},
               "visual": {"steps": 1500, "lr": 2e-3, "frames": 4, "temporal_adapter": True},
               "language": {"steps": 2500, "lr": 2e-3, "frames": 4}},
     "full": {"lm": {"steps": 1500, "lr": 2e-3, "adam_beta2": 0.95},
              "image": {"steps": 20000, "lr": 2e-3, "input_weights": {"image": 3}, "adam_beta2": 0.95},
-             "visual": {"steps": 8000, "lr": 2e-3, "frames": 4, "temporal_adapter": True,
+             "visual": {"steps": 6000, "lr": 2e-3, "frames": 8, "temporal_adapter": True,
                         "input_weights": {"video": 3}, "adam_beta2": 0.95},
-             "language": {"steps": 30000, "lr": 2e-3, "frames": 4, "adam_beta2": 0.95}},
+             "language": {"steps": 34000, "lr": 2e-3, "frames": 8, "batch_size": 3, "pack": True,
+                          "adam_beta2": 0.95}},
 }
 
 

@@ -82,6 +82,14 @@ def test_presets_and_flags_set_the_optimizer_of_each_stage():
     # the full preset runs every stage at AdamW beta2 0.95 (its image stage leaves the shape plateau early)
     assert {config(stage, "--preset", "full").adam_beta2 for stage in ("lm", "image", "visual", "language")} == {0.95}
     assert config("visual").adam_beta2 == 0.999  # the quick preset keeps torch's default
+    # the full preset samples 8 frames in both adaptation stages (two Conv3d slices per event of a two-event
+    # clip) and packs the language stage's pairs, three clips a step; flags still override it
+    full_language = config("language", "--preset", "full")
+    assert (config("visual", "--preset", "full").frames, full_language.frames) == (8, 8)
+    assert (full_language.pack, full_language.batch_size) == (True, 3)
+    assert not config("visual", "--preset", "full").pack  # packing is the language stage's alone
+    assert config("language", "--preset", "full", "--frames", "4", "--no-pack").frames == 4
+    assert not config("language", "--preset", "full", "--no-pack").pack
     assert config("image", "--preset", "full", "--adam-beta2", "0.9").adam_beta2 == 0.9
     assert config("image", "--vision-lr-scale", "4").vision_lr_scale == 4.0
     assert config("lm", "--vision-lr-scale", "4").vision_lr_scale == 1.0  # pretrain-toy's text stage has no vision
