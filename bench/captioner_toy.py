@@ -89,6 +89,14 @@ def _float_override(item: str, valid: dict, flag: str) -> tuple[str, float]:
         raise SystemExit(f"{flag} {item!r}: {value!r} is not a number") from None
 
 
+def stage_record(ckpt: Path) -> dict | None:
+    """What this bench recorded when it trained the checkpoint (CPU minutes, wall, curve), if the record is the
+    finished checkpoint's own (same step), else None."""
+    record = ckpt / STAGE_RECORD
+    saved = json.loads(record.read_text()) if record.is_file() else None
+    return saved if saved is not None and saved.get("step") == (read_state(ckpt) or {}).get("step") else None
+
+
 def by_event_count(examples: list) -> dict:
     """The metrics of (key, prediction, reference) triples, apart for references with one and with two events."""
     groups = score_by_event_count([p for _, p, _ in examples], [r for _, _, r in examples])
@@ -267,6 +275,12 @@ def main(argv=None) -> int:
     reused_cpu = [0.0]  # training CPU minutes that reused stages recorded when they were trained
     reused_wall = [0.0]  # and their training wall seconds
 
+    def count_reused(stage: str, saved: dict) -> None:
+        """Adds a reused stage's recorded training minutes and wall time to the chain's."""
+        reused_cpu[0] += saved["cpu_min"]
+        reused_wall[0] += saved["stage"]["wall_s"]
+        result["stages"][stage] = saved["stage"]
+
     def train_cpu() -> float:
         """Training CPU minutes of the chain so far: this process's (evaluations left out) and reused stages'."""
         return cpu_minutes() - cpu0 - eval_cpu[0] + reused_cpu[0]
@@ -300,15 +314,11 @@ def main(argv=None) -> int:
         result["base"] = {"checkpoint": str(base), "config": read_state(base).get("config")}
         # a base this bench trained (another run's work directory) left its stages' records beside it: their
         # minutes count, so chain_cpu_min stays the whole chain's; a base trained elsewhere has none
-        records = {stage: ckpt / STAGE_RECORD for stage, ckpt in (("lm", base / "lm"), ("image", base))}
-        saved = {stage: json.loads(r.read_text()) for stage, r in records.items() if r.is_file()}
-        if len(saved) == 2 and all(saved[st].get("step") == (read_state(records[st].parent) or {}).get("step")
-                                   for st in saved):
+        saved = {"lm": stage_record(base / "lm"), "image": stage_record(base)}
+        if all(saved.values()):
             for stage, rec in saved.items():
-                reused_cpu[0] += rec["cpu_min"]
-                reused_wall[0] += rec["stage"]["wall_s"]
-                result["stages"][stage] = rec["stage"]
-            result["reused_stages"].extend(["lm", "image"])
+                count_reused(stage, rec)
+            result["reused_stages"].extend(saved)
             print(f"base {base}: counting the {sum(r['cpu_min'] for r in saved.values()):.2f} CPU-minutes its "
                   f"{STAGE_RECORD} records say its stages took", flush=True)
         else:
@@ -323,15 +333,13 @@ def main(argv=None) -> int:
         start = train_cpu()
         if state and state.get("finished"):
             result["reused_stages"].append(stage)
-            saved = json.loads(record.read_text()) if record.is_file() else None
-            if saved is None or saved.get("step") != state.get("step"):
+            saved = stage_record(out)
+            if saved is None:
                 result.setdefault("uncounted_stages", []).append(stage)
                 print(f"{stage}: reusing the finished run in {out}, which has no {STAGE_RECORD} of its "
                       "training: its CPU minutes are not counted", flush=True)
                 return
-            reused_cpu[0] += saved["cpu_min"]
-            reused_wall[0] += saved["stage"]["wall_s"]
-            result["stages"][stage] = saved["stage"]
+            count_reused(stage, saved)
             if curve is not None:
                 curve.extend({**p, "cpu_min": round(start + p["cpu_min"], 2)} for p in saved["curve"])
             print(f"{stage}: reusing the finished run in {out} ({saved['cpu_min']} CPU-minutes when trained)",

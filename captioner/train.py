@@ -67,10 +67,10 @@ class TrainConfig:
     # AdamW's second-moment decay. 0.999 (torch's default) remembers the large gradients of the first steps for
     # thousands of steps, and a tiny model's image stage then sits for 2000-11000 steps on a plateau where it
     # reads colours but names shapes at chance; at 0.95 (common for transformers) it names them 0.7 of the time
-    # by step 3000 (README, Benchmarks)
+    # by step 3000 (bench/CAPTIONER_TOY.md)
     adam_beta2: float = 0.999
     # the vision side's parameters train at lr * this (image and visual stages; e.g. below 1 to fine-tune a real
-    # tower gently). On the toy base's shape plateau 4x and 10x moved its end by draw, both ways (README)
+    # tower gently). On the toy base's shape plateau 4x and 10x moved its end by draw, both ways (bench/CAPTIONER_TOY.md)
     vision_lr_scale: float = 1.0
     frames: int = 8  # frames per clip, uniformly sampled
     max_samples: int = 0  # 0: every sample of the shards
