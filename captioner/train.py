@@ -70,7 +70,8 @@ class TrainConfig:
     # by step 3000 (bench/CAPTIONER_TOY.md)
     adam_beta2: float = 0.999
     # the vision side's parameters train at lr * this (image and visual stages; e.g. below 1 to fine-tune a real
-    # tower gently). On the toy base's shape plateau 4x and 10x moved its end by draw, both ways (bench/CAPTIONER_TOY.md)
+    # tower gently). On the toy base's shape plateau 4x and 10x moved its end by draw, both ways
+    # (bench/CAPTIONER_TOY.md)
     vision_lr_scale: float = 1.0
     frames: int = 8  # frames per clip, uniformly sampled
     max_samples: int = 0  # 0: every sample of the shards
