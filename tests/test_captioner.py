@@ -173,6 +173,25 @@ def test_lm_stage_learns_and_resumes_exactly(tiny_dir, toy, tmp_path):
     assert np.mean(losses[-5:]) < 0.7 * np.mean(losses[:3])
 
 
+def test_training_flushes_denormals_and_leaves_the_float_mode_as_it_was(tiny_dir, toy, tmp_path):
+    from captioner.train import TrainConfig, _denormals_flushed, flushing_denormals, train
+
+    if not torch.set_flush_denormal(False):
+        pytest.skip("this CPU cannot flush denormals (not x86 with SSE3)")
+    kw = dict(stage="lm", model=str(tiny_dir), shards=str(toy / "pretrain-*.tar"), steps=2, batch_size=4,
+              save_every=1)
+    for flush in (True, False):
+        seen = []  # the float mode while the stage trains (the checkpoint hook runs inside it)
+        train(TrainConfig(out=str(tmp_path / str(flush)), flush_denormals=flush, **kw), progress=False,
+              on_checkpoint=lambda step, out: seen.append(_denormals_flushed()))
+        assert seen == [flush, flush]
+        assert not _denormals_flushed()  # the caller's mode (torch's default) is back
+    with flushing_denormals():  # a caller that flushes already keeps flushing after a stage
+        train(TrainConfig(out=str(tmp_path / "nested"), flush_denormals=False, **kw), progress=False)
+        assert _denormals_flushed()
+    assert not _denormals_flushed()
+
+
 def test_weight_decay_shrinks_matrices_not_norms_and_resumes_exactly(tiny_dir, toy, tmp_path):
     from captioner.train import TrainConfig, train
 
