@@ -186,8 +186,8 @@ def test_training_flushes_denormals_and_leaves_the_float_mode_as_it_was(tiny_dir
               on_checkpoint=lambda step, out: seen.append(_denormals_flushed()))
         assert seen == [flush, flush]
         assert not _denormals_flushed()  # the caller's mode (torch's default) is back
-    with flushing_denormals():  # a caller that flushes already keeps flushing after a stage
-        train(TrainConfig(out=str(tmp_path / "nested"), flush_denormals=False, **kw), progress=False)
+    with flushing_denormals():  # a caller that flushes already keeps flushing after a stage that flushed too
+        train(TrainConfig(out=str(tmp_path / "nested"), flush_denormals=True, **kw), progress=False)
         assert _denormals_flushed()
     assert not _denormals_flushed()
 
