@@ -121,6 +121,9 @@ def main(argv=None) -> int:
     ap.add_argument("--still-frames", action=argparse.BooleanOptionalAction, default=None,
                     help="each sampled frame fills its own temporal patch: one frame per slice of visual tokens, "
                     "twice the tokens of paired frames (captioner adapt --still-frames; default: the preset's)")
+    ap.add_argument("--pixel-branch", type=int, metavar="CHANNELS", help="visual stage: the temporal adapter's "
+                    "pixel branch with this many channels, 0 for none (captioner adapt --pixel-branch; default: "
+                    "the preset's)")
     ap.add_argument("--two-event", type=int, metavar="N", help="add N adapt clips with exactly two events "
                     "(engine synth --events 2, seed 1) to the language stage (default: the preset's, TWO_EVENT)")
     ap.add_argument("--two-event-visual", action="store_true", help="add them to the visual stage too")
@@ -182,6 +185,7 @@ def main(argv=None) -> int:
                               + (f"-l{args.layers}" if args.layers else "")
                               + (f"-f{args.frames}" if args.frames else "")
                               + ({True: "-still", False: "-paired", None: ""}[args.still_frames])
+                              + (f"-pixels{args.pixel_branch}" if args.pixel_branch is not None else "")
                               + (f"-init{args.init_seed}" if args.init_seed else "")
                               + (f"-imagew{args.image_weight}" if args.image_weight else "")
                               + (f"-base{Path(args.base).resolve().parent.name}" if args.base else "")
@@ -219,6 +223,8 @@ def main(argv=None) -> int:
         preset["language"]["pack"] = args.pack
     if args.still_frames is not None:
         preset["visual"]["still_frames"] = args.still_frames
+    if args.pixel_branch is not None:
+        preset["visual"]["pixel_branch"] = args.pixel_branch
     if args.train_vision:
         preset["visual"]["vision_parts"] = args.train_vision
     if args.image_weight:

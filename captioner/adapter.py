@@ -17,6 +17,16 @@ its own patch: every slice is then one frame as the image model saw it, and chan
 slices, where the adapter and the language model look. It costs the tokens of twice the frames;
 `video_input` applies it wherever frames meet the processor (training, generation, token budgets).
 
+The tower meets each 14-px patch through one linear map of its pixels, and a tiny tower cannot tell from
+that where a small shape's edges run: in the toy world, stage 1's visual tokens carry rotation worst of all
+actions (bench/visual_probe.py). With ``pixel_channels`` the adapter also reads the frames themselves: a
+small convolutional branch (`PixelBranch`: a 7-px patch embedding and a strided 3x3 convolution, on each
+slice's first frame) whose features, max- and mean-pooled to the merged token grid, join the adapter's
+bottleneck before its space-time convolution, so the convolution sees how each cell's
+shape, size and orientation change from slice to slice. It takes the pixels the tower takes
+(``pixel_values_videos``, read in the processor's patch layout) and, behind the zero-initialised
+projection, a new adapter is still the identity.
+
 On disk the adapter lives beside an untouched Hugging Face checkpoint:
 
     temporal_adapter.json          its config
@@ -36,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 CONFIG_FILE = "temporal_adapter.json"
@@ -50,6 +61,8 @@ class AdapterConfig:
     # each sampled frame repeated to fill a whole temporal patch: one frame per slice, as the image model saw
     # stills (False: consecutive frames share a patch, Qwen2-VL's own video input)
     still_frames: bool = False
+    # channels of a branch that reads the frames' pixels (`PixelBranch`); 0: none, the adapter sees tokens only
+    pixel_channels: int = 0
 
     def __post_init__(self) -> None:
         self.kernel = tuple(self.kernel)
@@ -57,15 +70,74 @@ class AdapterConfig:
             self.width = min(self.dim, 256)
         if any(k % 2 == 0 for k in self.kernel):
             raise ValueError(f"adapter kernel {self.kernel} must be odd along every axis")
+        if self.pixel_channels < 0:
+            raise ValueError(f"adapter pixel_channels must be >= 0, got {self.pixel_channels}")
+
+
+class PixelBranch(nn.Module):
+    """Features of each slice's first frame, max- and mean-pooled to the merged token grid and projected to the
+    adapter's width: an embedding of cells a quarter of a merged token's side (7 px for Qwen2-VL's 28-px tokens),
+    then a strided 3x3 convolution (2x2 outputs per merged token).
+
+    It reads the processor's flat patches as they are (rows: C, tp, p, p, in merge windows): the frames are
+    never rebuilt, the pixels are copied once, into the cells' embedding. One frame per slice: the tower
+    already sees the pair within a slice, and the second frame doubled the branch's cost
+    (bench/pixel_step.py)."""
+
+    def __init__(self, channels: int, width: int, patch: int, merge: int, in_channels: int = 3):
+        super().__init__()
+        token = patch * merge
+        if token % 4 or patch % (token // 4):
+            raise ValueError(f"a pixel branch needs {merge}x{merge} patches of {patch} px to split into 4x4 cells")
+        self.in_channels, self.patch, self.merge = in_channels, patch, merge
+        self.cell = token // 4
+        self.embed = nn.Linear(in_channels * self.cell * self.cell, channels)
+        self.conv = nn.Conv2d(channels, 2 * channels, 3, stride=2, padding=1)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(4 * channels, width)
+
+    def cells(self, pixels: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """The cells' embedding (before its activation) as images, one per slice: [videos * t, channels, 4h, 4w].
+
+        pixels: [videos, t*h*w*m*m, C*tp*p*p], the processor's patches of videos of one grid; grid: merged (t, h, w).
+        """
+        v, n, row = pixels.shape
+        t, h, w = grid
+        m, c, p, cell = self.merge, self.in_channels, self.patch, self.cell
+        sub = p // cell  # cells per patch side
+        if n != t * h * w * m * m or row % (c * p * p):
+            raise ValueError(f"pixel branch: {n} patches of {row} values are not a {t}x{h}x{w} grid of merged "
+                             f"tokens of {m}x{m} patches of {c} channels of {p}x{p} px")
+        first = pixels.reshape(v * n, c, row // (c * p * p), p * p)[:, :, 0]  # each patch's first frame
+        # rows (patch, cell row) of (C, cell's pixel row, cell column, pixel column): a patch row's pixels stay in
+        # contiguous runs, which makes the one copy cheap; a block-diagonal weight takes the cell columns apart
+        x = first.reshape(v * n, c, sub, cell, sub * cell).permute(0, 2, 1, 3, 4)
+        weight = self.embed.weight.view(-1, c, cell, 1, cell)
+        eye = torch.eye(sub, dtype=weight.dtype, device=weight.device)
+        blocks = (eye[:, None, None, None, :, None] * weight[None]).reshape(-1, c * cell * sub * cell)
+        e = F.linear(x.reshape(-1, c * cell * sub * cell), blocks, self.embed.bias.repeat(sub))
+        # patches in merge windows (t, h, w, m, m) -> images [v, t, ch, (h, m, sub), (w, m, sub)]
+        e = e.view(v, t, h, w, m, m, sub, sub, -1).permute(0, 1, 8, 2, 4, 6, 3, 5, 7)
+        return e.reshape(v * t, -1, h * m * sub, w * m * sub)
+
+    def forward(self, pixels: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """pixels: as `cells` takes them; grid: merged (t, h, w). Returns [videos, width, t, h, w]."""
+        v = len(pixels)
+        t, h, w = grid
+        x = self.act(self.conv(self.act(self.cells(pixels, grid))))  # [v*t, 2c, 2h, 2w]
+        pooled = torch.cat([F.max_pool2d(x, 2), F.avg_pool2d(x, 2)], 1).reshape(v, t, -1, h, w)
+        return self.proj(pooled.permute(0, 1, 3, 4, 2)).permute(0, 4, 1, 2, 3)
 
 
 class TemporalAdapter(nn.Module):
     """A space-time convolution over each video's merged tokens, added back through a zero-initialised
-    projection (so a new adapter is the identity)."""
+    projection (so a new adapter is the identity), optionally reading the frames' pixels too (`PixelBranch`)."""
 
-    def __init__(self, cfg: AdapterConfig):
+    def __init__(self, cfg: AdapterConfig, patch: int = 14, merge: int = 2, in_channels: int = 3):
         super().__init__()
         self.cfg = cfg
+        self.pixel_branch = PixelBranch(cfg.pixel_channels, cfg.width, patch, merge, in_channels) \
+            if cfg.pixel_channels else None
         self.down = nn.Linear(cfg.dim, cfg.width)
         self.conv = nn.Conv3d(cfg.width, cfg.width, cfg.kernel, padding=tuple(k // 2 for k in cfg.kernel))
         self.act = nn.GELU()
@@ -73,21 +145,31 @@ class TemporalAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, tokens: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, grid: tuple[int, int, int],
+                pixels: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [t*h*w, dim] of one video in (time, row, column) order, or [videos, t*h*w, dim] of several
-        of that one grid; grid: merged (t, h, w)."""
+        of that one grid; grid: merged (t, h, w); pixels: the videos' patches as the processor makes them
+        ([(videos,) patches, C*tp*p*p]), which an adapter with a pixel branch needs."""
         t, h, w = grid
         x = tokens if tokens.dim() == 3 else tokens[None]
         # what changed where: neighbouring slices and neighbouring tokens in one kernel
         y = self.down(x).reshape(len(x), t, h, w, -1).permute(0, 4, 1, 2, 3)
+        if self.pixel_branch is not None:
+            if pixels is None:
+                raise ValueError("this temporal adapter reads pixels (pixel_channels="
+                                 f"{self.cfg.pixel_channels}): pass the videos' patches")
+            y = y + self.pixel_branch(pixels if pixels.dim() == 3 else pixels[None], grid)
         y = self.act(self.conv(y)).permute(0, 2, 3, 4, 1).reshape(len(x), t * h * w, -1)
         return (x + self.up(y)).reshape(tokens.shape)
 
-    def forward_many(self, tokens: list[torch.Tensor], grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    def forward_many(self, tokens: list[torch.Tensor], grids: list[tuple[int, int, int]],
+                     pixels: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """`forward` of several videos; those of one grid in one call (a batch of same-size clips: one)."""
+        pixels = pixels if pixels is not None else [None] * len(tokens)
         if len(set(grids)) == 1:
-            return list(self(torch.stack(tokens), grids[0]).unbind(0))
-        return [self(x, g) for x, g in zip(tokens, grids)]
+            stacked = None if pixels[0] is None else torch.stack(pixels)
+            return list(self(torch.stack(tokens), grids[0], stacked).unbind(0))
+        return [self(x, g, p) for x, g, p in zip(tokens, grids, pixels)]
 
 
 def _visual(model):
@@ -113,29 +195,34 @@ def video_input(frames, repeat: int):
     return frames if repeat == 1 else np.repeat(frames, repeat, axis=0)
 
 
-def attach_adapter(model, cfg: AdapterConfig | None = None, still_frames: bool = False) -> TemporalAdapter:
+def attach_adapter(model, cfg: AdapterConfig | None = None, still_frames: bool = False,
+                   pixel_channels: int = 0) -> TemporalAdapter:
     """Adds a (new, identity) adapter to ``model``'s video path; returns it. Idempotent.
 
     Args:
-        cfg: the adapter's config (default: the model's width, ``still_frames`` as given).
+        cfg: the adapter's config (default: the model's width, ``still_frames`` and ``pixel_channels`` as given).
 
     Raises:
-        ValueError: the model already has an adapter that takes frames otherwise.
+        ValueError: the model already has an adapter that takes frames otherwise, or reads pixels otherwise.
     """
     core = getattr(model, "model", model)
     if _visual(model) is None or not hasattr(core, "get_video_features"):
         raise ValueError(f"{type(model).__name__} has no vision tower with video features to adapt")
     text_cfg = getattr(model.config, "text_config", model.config)
-    cfg = cfg or AdapterConfig(dim=int(text_cfg.hidden_size), still_frames=still_frames)
+    cfg = cfg or AdapterConfig(dim=int(text_cfg.hidden_size), still_frames=still_frames,
+                               pixel_channels=pixel_channels)
     existing = adapter_of(model)
     if existing is not None:
-        if existing.cfg.still_frames != cfg.still_frames:
-            raise ValueError(f"the model's temporal adapter has still_frames={existing.cfg.still_frames}; a run "
-                             f"asking for {cfg.still_frames} would change what its visual tokens mean")
+        for name in ("still_frames", "pixel_channels"):
+            if getattr(existing.cfg, name) != getattr(cfg, name):
+                raise ValueError(f"the model's temporal adapter has {name}={getattr(existing.cfg, name)}; a run "
+                                 f"asking for {getattr(cfg, name)} would change what its visual tokens mean")
         return existing
     visual = core.visual
     ref = next(visual.parameters())
-    adapter = TemporalAdapter(cfg).to(ref.device, ref.dtype)
+    vision_cfg = getattr(model.config, "vision_config", None)
+    adapter = TemporalAdapter(cfg, patch=int(vision_cfg.patch_size), merge=int(visual.spatial_merge_size),
+                              in_channels=int(getattr(vision_cfg, "in_channels", 3) or 3)).to(ref.device, ref.dtype)
     visual.temporal_adapter = adapter  # under 'visual': frozen and trained with the vision side
     # a method bound to this model (not a closure over it): a deep copy of the model gets its own
     core.get_video_features = types.MethodType(_adapted_video_features, core)
@@ -149,8 +236,13 @@ def _adapted_video_features(core, pixel_values_videos, video_grid_thw=None, **kw
     adapter = getattr(core.visual, "temporal_adapter", None)
     if adapter is not None:
         merge = int(core.visual.spatial_merge_size)
-        grids = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in video_grid_thw.tolist()]
-        out.pooler_output = tuple(adapter.forward_many(list(out.pooler_output), grids))
+        patch_grids = [tuple(int(n) for n in g) for g in video_grid_thw.tolist()]
+        grids = [(t, h // merge, w // merge) for t, h, w in patch_grids]
+        pixels = None
+        if adapter.pixel_branch is not None:  # each video's patches, as the tower got them
+            pixels = pixel_values_videos.to(next(adapter.parameters()).dtype).split(
+                [t * h * w for t, h, w in patch_grids])
+        out.pooler_output = tuple(adapter.forward_many(list(out.pooler_output), grids, pixels))
     return out
 
 

@@ -67,6 +67,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="visual stage, with a new temporal adapter: each sampled frame fills its own temporal patch, "
                    "so every slice of visual tokens is one frame as the image model saw stills (twice the tokens of "
                    "Qwen2-VL's paired frames). The checkpoint records it: the language stage and generation follow")
+    p.add_argument("--pixel-branch", type=int, metavar="CHANNELS",
+                   help="visual stage, with a new temporal adapter: a small convolutional branch with this many "
+                   "channels reads the frames' pixels and feeds the adapter, which then sees each cell's shape, "
+                   "size and orientation from slice to slice (captioner/adapter.py; 0: none; default: the "
+                   "preset's). The checkpoint records it")
     p.add_argument("--train-vision", metavar="PARTS", help="visual stage: the parts of the vision side that train, "
                    "comma-separated among adapter, merger, tower (patch embedding and blocks); default: all of it. "
                    "'adapter' keeps the image model's tower and merger as they were")
@@ -105,10 +110,11 @@ def _config(args: argparse.Namespace, stage: str, model: str, out: str):
     kw = dict(PRESETS[args.preset][stage])
     if stage != "language":  # a preset's packing is its language stage's; --pack on another stage is refused
         kw.pop("pack", None)
-    if stage != "visual":  # likewise its frame layout (--still-frames elsewhere is refused)
+    if stage != "visual":  # likewise its frame layout and pixel branch (either flag elsewhere is refused)
         kw.pop("still_frames", None)
+        kw.pop("pixel_branch", None)
     for name in ("steps", "lr", "frames", "temporal_adapter", "still_frames", "weight_decay", "batch_size", "pack",
-                 "vision_lr_scale", "adam_beta2"):
+                 "vision_lr_scale", "adam_beta2", "pixel_branch"):
         if getattr(args, name, None) is not None:
             kw[name] = getattr(args, name)
     if stage == "lm":  # pretrain-toy's text stage trains no vision side; its image stage takes the scale

@@ -83,6 +83,9 @@ class TrainConfig:
     # visual stage, with a new adapter: each frame fills its own temporal patch, one frame per slice of visual
     # tokens (captioner.adapter.AdapterConfig.still_frames); later stages and generation read it from the checkpoint
     still_frames: bool = False
+    # visual stage, with a new adapter: channels of a branch that reads the frames' pixels and feeds the adapter
+    # (captioner.adapter.PixelBranch); 0: none. The checkpoint records it: later stages and generation follow
+    pixel_branch: int = 0
     precompute_features: bool = True  # language stage: run the frozen vision side once per clip, not every step
     # on the CPU, numbers below float32's normal range (~1e-38) computed as zero while the stage trains
     # (`flushing_denormals`): x86 handles them in microcode, and the visual stage's backward pass through the
@@ -149,6 +152,11 @@ class TrainConfig:
             problems.append("--train-vision adapter needs --temporal-adapter")
         if self.still_frames and not (self.stage == "visual" and self.temporal_adapter):
             problems.append("--still-frames applies to the visual stage with --temporal-adapter (the adapter's "
+                            "checkpoint records it; later stages and generation follow it)")
+        if self.pixel_branch < 0:
+            problems.append(f"--pixel-branch must be >= 0, got {self.pixel_branch}")
+        elif self.pixel_branch and not (self.stage == "visual" and self.temporal_adapter):
+            problems.append("--pixel-branch applies to the visual stage with --temporal-adapter (the adapter's "
                             "checkpoint records it; later stages and generation follow it)")
         if self.pack and self.stage != "language":
             problems.append("--pack applies to the language stage (a clip has one example in the other stages)")
@@ -698,7 +706,7 @@ def read_state(out: str | Path) -> dict | None:
 RUN_FIELDS = ("stage", "model", "shards", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup",
               "weight_decay", "frames", "max_samples", "seed", "lora", "lora_rank", "temporal_adapter",
               "still_frames", "task_weights", "pack", "input_weights", "vision_parts", "vision_lr_scale",
-              "adam_beta2")
+              "adam_beta2", "pixel_branch")
 
 
 def config_changes(state: dict, cfg: TrainConfig, fields: tuple[str, ...] = RUN_FIELDS) -> list[str]:
@@ -820,7 +828,8 @@ def _train(cfg: TrainConfig, progress: bool, on_checkpoint: Callable[[int, Path]
     if Path(source).is_dir():
         load_adapter(model, source)
     if cfg.temporal_adapter and cfg.stage == "visual":
-        attach_adapter(model, still_frames=cfg.still_frames)  # a new one is the identity: the image model as it was
+        # a new one is the identity: the image model as it was
+        attach_adapter(model, still_frames=cfg.still_frames, pixel_channels=cfg.pixel_branch)
     speed_up_vision(model)  # the same tower, batched where transformers loops (captioner.fast_vision)
     model = apply_freezing(model, cfg).to(device)
     model.train()

@@ -476,6 +476,64 @@ def test_still_frames_give_every_frame_its_own_slice_in_training_and_generation(
         TrainConfig(stage="language", model=str(out), shards="x", out="y", still_frames=True)
 
 
+def test_pixel_branch_reads_the_frames_the_tower_reads_and_starts_as_the_identity(tiny_dir, clips):
+    import torch.nn.functional as F
+
+    from captioner.adapter import AdapterConfig, TemporalAdapter, adapter_of, attach_adapter
+
+    cap = load_captioner(str(tiny_dir), device="cpu")
+    clip = clips[0]
+    enc = cap.inputs([Budgeted(clip, clip.frames[:4], 0)], VIDEO)
+    # the branch reads the processor's flat patches; its cells are 7-px squares of each slice's first frame
+    branch = TemporalAdapter(AdapterConfig(dim=64, pixel_channels=5)).pixel_branch
+    t, h, w = (int(n) for n in enc["video_grid_thw"][0])
+    cells = branch.cells(enc["pixel_values_videos"][None], (t, h // 2, w // 2))
+    proc = cap.processor.video_processor
+    mean, std = (torch.tensor(v, dtype=torch.float32)[:, None, None] for v in (proc.image_mean, proc.image_std))
+    frames = (torch.from_numpy(clip.frames[:4:2]).permute(0, 3, 1, 2).float() / 255 - mean) / std  # 0 and 2
+    kernel = branch.embed.weight.view(5, 3, 7, 7)
+    expected = F.conv2d(frames, kernel, branch.embed.bias, stride=7)  # [slices, channels, H/7, W/7]
+    assert cells.shape == expected.shape and torch.allclose(cells, expected, atol=1e-4)
+    with torch.no_grad():
+        plain = cap.model(**enc).logits
+        adapter = attach_adapter(cap.model, pixel_channels=4)
+        assert torch.equal(cap.model(**enc).logits, plain)  # a new adapter is the identity, pixel branch and all
+        for p in adapter.up.parameters():
+            p.normal_(std=0.5)
+    cap.model(**enc).logits.square().sum().backward()
+    assert adapter.pixel_branch.embed.weight.grad.abs().sum() > 0  # the loss reaches the branch through the pixels
+    with pytest.raises(ValueError, match="pixel_channels=4"):
+        attach_adapter(cap.model)  # an adapter without the branch would read these tokens otherwise
+    assert adapter_of(cap.model) is adapter
+
+
+def test_visual_stage_with_a_pixel_branch_records_it_and_the_later_stages_follow(tiny_dir, toy, tmp_path):
+    from safetensors.torch import load_file
+
+    from captioner.adapter import CONFIG_FILE, WEIGHTS_FILE, adapter_of
+    from captioner.train import TrainConfig, train
+
+    out = tmp_path / "s1"
+    train(TrainConfig(stage="visual", model=str(tiny_dir), shards=str(toy / "adapt-*.tar"), out=str(out), steps=3,
+                      batch_size=4, frames=4, warmup=1, lr=1e-2, temporal_adapter=True, pixel_branch=4),
+          progress=False)
+    assert json.loads((out / CONFIG_FILE).read_text())["pixel_channels"] == 4
+    weights = load_file(str(out / WEIGHTS_FILE))
+    assert weights["pixel_branch.embed.weight"].shape == (4, 3 * 7 * 7)  # 7-px cells: 28-px tokens in 4x4
+    # the language stage precomputes the frozen vision side's tokens through the branch and passes it on
+    train(TrainConfig(stage="language", model=str(out), shards=str(toy / "adapt-*.tar"), out=str(tmp_path / "s2"),
+                      steps=2, batch_size=4, frames=4, warmup=1), progress=False)
+    s2 = load_captioner(str(tmp_path / "s2"))
+    assert adapter_of(s2.model).cfg.pixel_channels == 4
+    assert all(torch.equal(load_file(str(tmp_path / "s2" / WEIGHTS_FILE))[k], v) for k, v in weights.items())
+    assert s2.caption([Clip("x", np.zeros((4, 112, 112, 3), np.uint8))], VIDEO,
+                      GenerationParams(max_new_tokens=3))[0].ok
+    with pytest.raises(ValueError, match="--pixel-branch applies to the visual stage with --temporal-adapter"):
+        TrainConfig(stage="language", model=str(out), shards="x", out="y", pixel_branch=4)
+    with pytest.raises(ValueError, match="--pixel-branch must be >= 0"):
+        TrainConfig(stage="visual", model=str(out), shards="x", out="y", temporal_adapter=True, pixel_branch=-1)
+
+
 def test_log_likelihood_is_the_training_loss_of_the_answer(cap, clips):
     answers = ["the red circle moves left.", "the blue square grows, then the red circle appears."]
     lls = cap.log_likelihoods(clips[1], VIDEO, answers)
@@ -580,6 +638,9 @@ def test_language_stage_on_precomputed_features_trains_as_through_pixels(tiny_di
 
     start = tmp_path / "start"  # a non-identity adapter on the frozen side: the features are more than the tower's
     model = AutoModelForImageTextToText.from_pretrained(tiny_dir)
+    # one draw whatever ran before: Adam's first steps move a weight whose gradient is near zero by up to the lr
+    # either way, so how far float rounding carries depends on the draw (another one measured past 1e-4)
+    torch.manual_seed(0)
     for p in attach_adapter(model).up.parameters():
         torch.nn.init.normal_(p, std=0.2)
     with detached(model):
@@ -593,8 +654,9 @@ def test_language_stage_on_precomputed_features_trains_as_through_pixels(tiny_di
     assert (fast["visual_features"], slow["visual_features"]) == ("precomputed", "per step")
     assert fast["loss"] == pytest.approx(slow["loss"], rel=1e-4)
     a, b, s = _params(tmp_path / "fast"), _params(tmp_path / "slow"), _params(start)
-    # float rounding of the two batchings, through 5 Adam steps of up to 1e-2 each: measured 2.4e-5
-    assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+    # float rounding of the two batchings, through 5 Adam steps of up to 1e-2 each: measured up to 1.2e-4, where
+    # training moved weights by up to 3.7e-2
+    assert all(torch.allclose(a[k], b[k], atol=5e-4) for k in a)
     assert any(not torch.allclose(a[k], s[k], atol=1e-3) for k in a)  # it trained
     assert torch.equal(load_file(str(tmp_path / "fast" / WEIGHTS_FILE))["up.weight"],
                        load_file(str(start / WEIGHTS_FILE))["up.weight"])  # frozen, passed on
