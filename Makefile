@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/generate.py
 	$(BIN)/python bench/vision_step.py
+	$(BIN)/python bench/pixel_step.py
 	$(BIN)/python bench/captioner_toy.py
 	$(BIN)/python bench/temporal_toy.py
 	$(BIN)/python bench/train.py

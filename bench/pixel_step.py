@@ -1,7 +1,7 @@
 """Step time of the visual stage with the temporal adapter alone vs the adapter with its pixel branch
-(`captioner.adapter.PixelBranch`), what the branch costs the full preset's stage 1.
+(`captioner.adapter.PixelBranch`, `--pixel-branch`): what the branch costs a full-preset stage-1 step.
 
-Usage: python bench/pixel_step.py [--steps 10] [--repeats 3] [--batch 16] [--frames 8] [--channels 8]
+Usage: python bench/pixel_step.py [--steps 10] [--repeats 3] [--batch 16] [--frames 8] [--channels 16]
                                   [--threads 1] [--out bench/results/pixel_step.json]
 
 A tiny Qwen2-VL is built from its config (random weights: speed does not depend on them), sped up as
@@ -34,7 +34,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=16, help="clips per batch (the full preset's)")
     ap.add_argument("--frames", type=int, default=8, help="frames per clip (the full preset's)")
-    ap.add_argument("--channels", type=int, default=8, help="the pixel branch's channels (the full preset's)")
+    ap.add_argument("--channels", type=int, default=16, help="the pixel branch's channels (the full-preset chains "
+                    "measured with it ran 16)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "pixel_step.json"))
     args = ap.parse_args(argv)
