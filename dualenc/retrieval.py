@@ -8,7 +8,9 @@
 Ranks are exact and computed in blocks of queries (``q_block @ gallery.T`` in float32, never more than
 ``max_block_mb`` of scores at once). A query's rank is 1 + the number of gallery items that are not its
 positives and score >= its best positive: a negative tied with the positive ranks above it, so ties
-never flatter the model. FAISS only serves top-k search (`search`) and the approximate-index report.
+never flatter the model. Scores within float32's rounding bound of a query's best positive are compared
+again in float64, one vector at a time, so that identical videos tie whatever BLAS kernel scored them.
+FAISS only serves top-k search (`search`) and the approximate-index report.
 """
 
 from __future__ import annotations
@@ -212,19 +214,32 @@ MAX_BLOCK_ROWS = 2048
 def block_rows(gallery_size: int, max_block_mb: float = 512, top_k: int = 0) -> int:
     """Query rows per block of the exact rank pass for a gallery of ``gallery_size`` items.
 
-    A block holds its float32 scores and the boolean mask of the comparison (5 bytes a score; 17 with a top-k,
+    A block holds its float32 scores and two boolean masks of the comparison (6 bytes a score; 18 with a top-k,
     for argpartition's int64 indices and a negated copy), at most ``max_block_mb`` MiB, and at most
     `MAX_BLOCK_ROWS` rows.
     """
-    per_score = 5 + (12 if top_k else 0)
+    per_score = 6 + (12 if top_k else 0)
     return int(max(1, min(MAX_BLOCK_ROWS, (max_block_mb * 2**20) // (per_score * max(gallery_size, 1)))))
 
 
-# Scores come straight from BLAS, and ties are ties of those float32 numbers. With one query row numpy calls
-# gemv, and with a few rows OpenBLAS takes small-matrix paths; both round the same gallery vector differently
-# at the end of the gallery than elsewhere (seen on x86: identical videos then stop tying). Blocks of at least
-# 8 rows stay on the gemm kernels, which round a vector alike wherever it sits.
+# Scores come from BLAS in float32, which rounds the same gallery vector differently by where it sits: with one
+# query row numpy calls gemv, with a few rows OpenBLAS takes small-matrix paths, and on some x86 CPUs (AMD EPYC,
+# AVX2) the gemm kernels themselves round the last columns of a block apart (identical videos then stop tying).
+# Blocks of at least 8 rows keep to the gemm kernels; and every score within float32's rounding bound of a
+# query's best positive is compared again in float64 (`_exact_scores`), so that twins tie on any BLAS.
 _MIN_GEMM_ROWS = 8
+
+
+def _dot_bound(dim: int) -> float:
+    """Relative bound on the rounding of a float32 dot product of ``dim`` terms, in any order (gamma_dim)."""
+    u = 2.0 ** -24 * dim
+    return u / (1 - u) if u < 1 else float("inf")
+
+
+def _exact_scores(q: np.ndarray, g: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """float64 scores of (query row, gallery row) pairs, each a sum along one contiguous row: the same vector
+    gets the same score wherever it sits (BLAS does not promise that)."""
+    return (q[rows].astype(np.float64) * g[cols].astype(np.float64)).sum(axis=1)
 
 
 def _rank_pass(q: np.ndarray, g: np.ndarray, pos: Positives, max_block_mb: float,
@@ -234,11 +249,15 @@ def _rank_pass(q: np.ndarray, g: np.ndarray, pos: Positives, max_block_mb: float
     k = min(top_k, m)
     rows = min(n, block_rows(m, max_block_mb, top_k=k))
     sims_buf = np.empty((max(rows, _MIN_GEMM_ROWS), m), np.float32)
-    mask_buf = np.empty((rows, m), np.bool_)
+    mask_buf, near_buf = np.empty((rows, m), np.bool_), np.empty((rows, m), np.bool_)
     offsets, cols = np.asarray(pos.offsets, np.int64), np.asarray(pos.cols, np.int64)
     query_of = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
     ranks = np.empty(n, np.int64)
     top = np.empty((n, k), np.int64) if k else None
+    # the window around a query's best positive within which float32 rounding can reorder two scores
+    g_norm = float(np.sqrt(np.einsum("ij,ij->i", g, g, dtype=np.float64).max())) if m else 0.0
+    q_norm = np.sqrt(np.einsum("ij,ij->i", q, q, dtype=np.float64))
+    tols = 2 * _dot_bound(q.shape[1]) * q_norm * g_norm * (1 + 1e-6)
     for start in range(0, n, rows):
         stop = min(n, start + rows)
         c = stop - start
@@ -253,10 +272,21 @@ def _rank_pass(q: np.ndarray, g: np.ndarray, pos: Positives, max_block_mb: float
         ps = sims[local, cols[a:b]]
         starts = offsets[start:stop] - a
         best = np.maximum.reduceat(ps, starts)
-        tied_positives = np.add.reduceat((ps >= best[local]).astype(np.int64), starts)
-        np.greater_equal(sims, best[:, None], out=mask)
+        # scores at least best - tol: every one that could be at least the best positive in exact terms
+        tol = tols[start:stop]
+        np.greater_equal(sims, (best - tol).astype(np.float32)[:, None], out=mask)
         # row by row: count_nonzero on a 1-D bool array is several times faster than a reduction along an axis
         at_least = np.fromiter((np.count_nonzero(r) for r in mask), np.int64, c)
+        # those within tol of the best positive, and the positives, are compared again in float64
+        near = near_buf[:c]
+        np.less_equal(sims, (best + tol).astype(np.float32)[:, None], out=near)
+        np.logical_and(near, mask, out=near)
+        w_row, w_col = np.divmod(np.flatnonzero(near), m)  # 1-D: many times faster than np.nonzero in 2-D
+        pos_exact = _exact_scores(q, g, start + local, cols[a:b])
+        best64 = np.maximum.reduceat(pos_exact, starts)
+        tied_positives = np.add.reduceat((pos_exact >= best64[local]).astype(np.int64), starts)
+        below = _exact_scores(q, g, start + w_row, w_col) < best64[w_row]
+        at_least -= np.bincount(w_row[below], minlength=c)
         ranks[start:stop] = at_least - tied_positives + 1
         if k:
             part = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < m else np.broadcast_to(np.arange(m), (c, m))
@@ -581,7 +611,8 @@ def evaluate(emb: Embeddings, *, captions: Literal["all", "first"] = "all", ks: 
         "text_key": text_key,
         "source": emb.source,
         "index": index,
-        "ranks": f"exact: float32 query-block @ gallery.T, blocks of at most {max_block_mb} MiB",
+        "ranks": f"exact: float32 query-block @ gallery.T, blocks of at most {max_block_mb} MiB; scores within "
+                 "float32 rounding of the best positive compared again in float64",
         "videos": len(emb.video_keys),
         "texts": len(emb.text_keys),
         "texts_used": used,

@@ -103,8 +103,9 @@ def test_continuous_embeddings_match_a_float32_reference():
 
 
 def test_identical_videos_tie_even_one_query_at_a_time():
-    # scores come straight from BLAS: one query row alone (gemv) or a few (OpenBLAS's small-matrix path) round
-    # the last rows of a small gallery differently (x86): a video's twin placed there stopped tying
+    # BLAS rounds a gallery vector by where it sits: one query row alone (gemv), a few (OpenBLAS's small-matrix
+    # path), and on AMD EPYC (AVX2) any block round the last rows of a small gallery differently: a video's twin
+    # placed there stopped tying until near ties were compared again in float64
     rng = np.random.default_rng(0)
     g = rng.standard_normal((67, 512)).astype(np.float32)
     g[-3:] = g[:3]
