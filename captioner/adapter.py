@@ -80,8 +80,8 @@ class PixelBranch(nn.Module):
 
     It reads the processor's flat patches as they are (rows: C, tp, p, p, in merge windows): the frames are
     never rebuilt, the pixels are copied once, into the cells' embedding. One frame per slice: the tower
-    already sees the pair within a slice, and reading both frames cost 2.6 times as much (bench/pixel_step.py:
-    1.34x a stage-1 step against 1.13x, at 8 channels)."""
+    already sees the pair within a slice, and a version that read both cost 1.34x a stage-1 step against this
+    one's 1.13x, at 8 channels (bench/pixel_step.py, run on each while the branch was built)."""
 
     def __init__(self, channels: int, width: int, patch: int, merge: int, in_channels: int = 3):
         super().__init__()
@@ -162,13 +162,18 @@ class TemporalAdapter(nn.Module):
         return (x + self.up(y)).reshape(tokens.shape)
 
     def forward_many(self, tokens: list[torch.Tensor], grids: list[tuple[int, int, int]],
-                     pixels: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """`forward` of several videos; those of one grid in one call (a batch of same-size clips: one)."""
-        pixels = pixels if pixels is not None else [None] * len(tokens)
-        if len(set(grids)) == 1:
-            stacked = None if pixels[0] is None else torch.stack(pixels)
+                     pixels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """`forward` of several videos; those of one grid in one call (a batch of same-size clips: one).
+
+        pixels: the videos' patches as the processor concatenates them ([patches, C*tp*p*p]), for a pixel branch.
+        """
+        if len(set(grids)) == 1:  # one grid: the patches are [videos, patches, row] as they lie, no copy
+            stacked = None if pixels is None else pixels.view(len(tokens), -1, pixels.shape[-1])
             return list(self(torch.stack(tokens), grids[0], stacked).unbind(0))
-        return [self(x, g, p) for x, g, p in zip(tokens, grids, pixels)]
+        merge = self.pixel_branch.merge if self.pixel_branch is not None else 1
+        pieces = [None] * len(tokens) if pixels is None else \
+            pixels.split([t * h * w * merge * merge for t, h, w in grids])
+        return [self(x, g, p) for x, g, p in zip(tokens, grids, pieces)]
 
 
 def _visual(model):
@@ -235,12 +240,10 @@ def _adapted_video_features(core, pixel_values_videos, video_grid_thw=None, **kw
     adapter = getattr(core.visual, "temporal_adapter", None)
     if adapter is not None:
         merge = int(core.visual.spatial_merge_size)
-        patch_grids = [tuple(int(n) for n in g) for g in video_grid_thw.tolist()]
-        grids = [(t, h // merge, w // merge) for t, h, w in patch_grids]
-        pixels = None
-        if adapter.pixel_branch is not None:  # each video's patches, as the tower got them
-            pixels = pixel_values_videos.to(next(adapter.parameters()).dtype).split(
-                [t * h * w for t, h, w in patch_grids])
+        grids = [(int(t), int(h) // merge, int(w) // merge) for t, h, w in video_grid_thw.tolist()]
+        pixels = None  # the patches as the tower got them
+        if adapter.pixel_branch is not None:
+            pixels = pixel_values_videos.to(next(adapter.parameters()).dtype)
         out.pooler_output = tuple(adapter.forward_many(list(out.pooler_output), grids, pixels))
     return out
 
