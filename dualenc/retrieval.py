@@ -300,7 +300,10 @@ def exact_ranks(queries: np.ndarray, gallery: np.ndarray, positives: Positives, 
     """Exact 1-based rank of each query's best positive, ties counting against the model.
 
     ``rank[i] = 1 + #{j not in positives(i) : s(i, j) >= max_{p in positives(i)} s(i, p)}`` with
-    ``s = queries @ gallery.T`` in float32, computed a block of queries at a time.
+    ``s = queries @ gallery.T`` of the float32 vectors, computed a block of queries at a time in float32; the
+    scores within float32's rounding bound of a query's best positive are compared again in float64, so the
+    ranks are those of the exact scores (a float32-only count can be off by one where two scores differ by
+    about 1e-7, which a gallery of 1M random vectors holds: bench/eval.py's float64 check).
 
     Args:
         queries: (n, dim) float array.
