@@ -20,8 +20,8 @@ largest size's peak everywhere), it times:
 Both run ``--repeats`` times in their subprocess (one time for N >= 1M); the best time counts, and the
 order alternates between sizes. It records the times, the ratio ours / numpy (goal <= 1.5), peak RSS and
 the RSS once the arrays exist (the difference is what the evaluation itself holds), and the metrics of
-both. Where they disagree (float32 rounding reorders scores closer than about 1e-5, which a 1M gallery
-holds), a further subprocess ranks again the queries the two rank apart, in float64 against the whole
+both. Where they disagree (float32 rounding can order two scores a few 1e-8 apart either way, and a 1M
+gallery holds such pairs), a further subprocess ranks again the queries the two rank apart, in float64 against the whole
 gallery, and records how many there are, by how much they differ, and whether ours are the float64 ranks.
 """
 
@@ -83,21 +83,30 @@ def _argsort_ranks(sims: np.ndarray, positive: np.ndarray) -> np.ndarray:
     return np.argmax(order == positive[:, None], axis=1) + 1
 
 
+def _directions(g: np.ndarray, q: np.ndarray, pos: np.ndarray):
+    """(name, queries, gallery, each query's positive) of both directions. text->video: caption i's positive
+    is video pos[i]; video->text: the captioned videos (pos is sorted, so video pos[i] is query i), caption i
+    being video pos[i]'s one caption."""
+    return (("text_to_video", q, g, pos), ("video_to_text", g[pos], q, np.arange(len(q))))
+
+
+def _reference_ranks(queries: np.ndarray, gallery: np.ndarray, positive: np.ndarray,
+                     how: str = "count") -> np.ndarray:
+    """float32 ranks written the way one would by hand, in the same blocks as ours (equal memory, equal gemm
+    shapes)."""
+    rank_of = _count_ranks if how == "count" else _argsort_ranks
+    rows = block_rows(len(gallery), BLOCK_MB)
+    out = np.empty(len(queries), np.int64)
+    for s in range(0, len(queries), rows):
+        out[s:s + rows] = rank_of(queries[s:s + rows] @ gallery.T, positive[s:s + rows])
+    return out
+
+
 def numpy_reference(g: np.ndarray, q: np.ndarray, pos: np.ndarray, how: str = "count") -> dict:
     """Both directions' ranks and point metrics, written the way one would by hand."""
-    rank_of = _count_ranks if how == "count" else _argsort_ranks
-
-    def ranks(queries: np.ndarray, gallery: np.ndarray, positive: np.ndarray) -> np.ndarray:
-        rows = block_rows(len(gallery), BLOCK_MB)  # the same blocks as ours: equal memory, equal gemm shapes
-        out = np.empty(len(queries), np.int64)
-        for s in range(0, len(queries), rows):
-            out[s:s + rows] = rank_of(queries[s:s + rows] @ gallery.T, positive[s:s + rows])
-        return out
-
     metrics = {}
-    # text->video: caption i's positive is video pos[i]; video->text: the captioned videos (pos is sorted,
-    # so video pos[i] is query i) and caption i is video pos[i]'s one caption
-    for name, r in (("text_to_video", ranks(q, g, pos)), ("video_to_text", ranks(g[pos], q, np.arange(len(q))))):
+    for name, queries, gallery, positive in _directions(g, q, pos):
+        r = _reference_ranks(queries, gallery, positive, how)
         metrics.update({f"{name}_R@{k}": float(np.mean(r <= k)) for k in (1, 5, 10)})
         metrics[f"{name}_MdR"] = float(np.median(r))
         metrics[f"{name}_MnR"] = float(np.mean(r))
@@ -107,23 +116,18 @@ def numpy_reference(g: np.ndarray, q: np.ndarray, pos: np.ndarray, how: str = "c
 def float64_check(n: int, queries: int) -> dict:
     """Each direction's queries that ours and the float32 reference rank apart, ranked again in float64
     against the whole gallery: whether ours are those ranks (ours compares near ties in float64)."""
-    g, q, pos = make_data(n, queries)
     out = {}
-    for name, (qs, gallery, positive) in (("text_to_video", (q, g, pos)),
-                                          ("video_to_text", (g[pos], q, np.arange(queries)))):
+    for name, qs, gallery, positive in _directions(*make_data(n, queries)):
         ours = exact_ranks(qs, gallery, Positives.one_each(positive), max_block_mb=BLOCK_MB)
-        ref = np.empty(len(qs), np.int64)
-        rows = block_rows(len(gallery), BLOCK_MB)
-        for s in range(0, len(qs), rows):
-            ref[s:s + rows] = _count_ranks(qs[s:s + rows] @ gallery.T, positive[s:s + rows])
+        ref = _reference_ranks(qs, gallery, positive)
         apart = np.flatnonzero(ours != ref)
-        q64 = qs[apart].astype(np.float64)
-        pos64 = np.einsum("ij,ij->i", q64, gallery[positive[apart]].astype(np.float64))
+        q64, p_apart = qs[apart].astype(np.float64), positive[apart]
+        pos64 = np.einsum("ij,ij->i", q64, gallery[p_apart].astype(np.float64))
         f64 = np.ones(len(apart), np.int64)  # the positive, not scored again: gemm and einsum sum in other orders
         for s in range(0, len(gallery), 65536):  # float64 a slice of the gallery at a time
             at_least = q64 @ gallery[s:s + 65536].astype(np.float64).T >= pos64[:, None]
-            mine = (positive[apart] >= s) & (positive[apart] < s + 65536)
-            at_least[np.flatnonzero(mine), positive[apart][mine] - s] = False
+            mine = np.flatnonzero((p_apart >= s) & (p_apart < s + 65536))
+            at_least[mine, p_apart[mine] - s] = False
             f64 += at_least.sum(1)
         out[name] = {"queries_ranked_apart": int(len(apart)),
                      "largest_difference": int(np.abs(ours[apart] - ref[apart]).max()) if len(apart) else 0,

@@ -303,7 +303,7 @@ def exact_ranks(queries: np.ndarray, gallery: np.ndarray, positives: Positives, 
     ``s = queries @ gallery.T`` of the float32 vectors, computed a block of queries at a time in float32; the
     scores within float32's rounding bound of a query's best positive are compared again in float64, so the
     ranks are those of the exact scores (a float32-only count can be off by one where two scores differ by
-    about 1e-7, which a gallery of 1M random vectors holds: bench/eval.py's float64 check).
+    a few 1e-8, which a gallery of 1M random vectors holds: bench/eval.py's float64 check).
 
     Args:
         queries: (n, dim) float array.
