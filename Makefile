@@ -70,6 +70,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/vision_step.py
 	$(BIN)/python bench/pixel_step.py
 	$(BIN)/python bench/captioner_toy.py
+	$(BIN)/python bench/captioner_draws.py
 	$(BIN)/python bench/temporal_toy.py
 	$(BIN)/python bench/train.py
 	$(BIN)/python bench/engine.py
