@@ -19,20 +19,20 @@ from pathlib import Path
 from captioner import __version__
 
 PRESETS: dict[str, dict[str, dict]] = {
-    # per stage: TrainConfig overrides. 'quick' is the demo's default (the chain in about 6 CPU-minutes);
-    # 'full' about 58. Its image stage spends three steps in four on frames at lr 2e-3 for 20000 steps; its
-    # stage 1 also gives the base's still frames one batch in four (video=3 mixes clips and frames when the
-    # shards hold both), which keeps the base's shape reading; the language stage runs on precomputed visual
-    # tokens, its data with 2000 extra two-event clips, each clip's pairs packed in one sequence, three clips
-    # a step. Every full-preset stage runs AdamW with beta2 0.95: at torch's 0.999 the image stage sat
-    # 2000-11000 steps (by draw) on a plateau where it names shapes at chance. Both adaptation stages sample
-    # 8 frames: at 4 (frames 2, 6, 9, 13 of a 16-frame clip, two Conv3d slices) the end state of a two-event
-    # clip's second event is in no sampled frame and its action was named wrong in most two-event clips; at
-    # 8 exact rose from 0.787 / 0.741 to 0.855 / 0.81 on 1000 test clips (init seeds 0 / 1), action 0.891 /
-    # 0.888 (4 frames: 0.891 / 0.846). Stage 1 7000 steps and the language stage 40000 since training flushes
-    # denormals (stage 1 1.24x faster): action 0.898 / 0.905 on those clips, 58.0 / 58.8 CPU-minutes. Measured
-    # in bench/results/captioner_toy_full*.json and the log in bench/CAPTIONER_TOY.md (bench/captioner_toy.py
-    # makes the data).
+    # per stage: TrainConfig overrides. 'quick' is the demo's default (the chain in about 6 CPU-minutes); 'full' about
+    # 58 (both where they were set: 8.6 and 76 on an AVX2-only AMD EPYC). Its image stage spends three steps in four
+    # on frames at lr 2e-3 for 20000 steps; its stage 1 also gives the base's still frames one batch in four (video=3
+    # mixes clips and frames when the shards hold both), which keeps the base's shape reading; the language stage runs
+    # on precomputed visual tokens, its data with 2000 extra two-event clips, each clip's pairs packed in one
+    # sequence, three clips a step. Every full-preset stage runs AdamW with beta2 0.95: at torch's 0.999 the image
+    # stage sat 2000-11000 steps (by draw) on a plateau where it names shapes at chance. Both adaptation stages sample
+    # 8 frames: at 4 (frames 2, 6, 9, 13 of a 16-frame clip, two Conv3d slices) the end state of a two-event clip's
+    # second event is in no sampled frame and its action was named wrong in most two-event clips; at 8 exact rose from
+    # 0.787 / 0.741 to 0.855 / 0.81 on 1000 test clips (init seeds 0 / 1), action 0.891 / 0.888 (4 frames: 0.891 /
+    # 0.846). Stage 1 7000 steps and the language stage 40000 since training flushes denormals (stage 1 1.24x faster):
+    # action 0.898 / 0.905 on those clips, 58.0 / 58.8 CPU-minutes. Measured in bench/results/captioner_toy_full*.json
+    # and the log in bench/CAPTIONER_TOY.md (bench/captioner_toy.py makes the data). Over six draws action on those
+    # clips is 0.80-0.91, mean 0.87: the base's draw decides it (bench/captioner_draws.py).
     "quick": {"lm": {"steps": 600, "lr": 2e-3}, "image": {"steps": 4000, "lr": 1e-3},
               "visual": {"steps": 1500, "lr": 2e-3, "frames": 4, "temporal_adapter": True},
               "language": {"steps": 2500, "lr": 2e-3, "frames": 4}},
