@@ -791,12 +791,16 @@ def test_input_weights_set_how_often_each_kind_of_batch_comes_and_every_example_
         parse_task_weights(["image=0"], flag="--input-weight", minimum=1)
 
 
-def test_sped_up_vision_tower_computes_what_transformers_does_with_the_same_parameters(tiny_dir, clips):
+@pytest.mark.parametrize("config", ["qwen2-vl-tiny", "qwen2-vl-tiny-v96"])
+def test_sped_up_vision_tower_computes_what_transformers_does_with_the_same_parameters(tiny_dir, clips, config,
+                                                                                       tmp_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from captioner.adapter import adapter_of, attach_adapter
     from captioner.fast_vision import speed_up_vision
 
+    if config != "qwen2-vl-tiny":  # a vision tower of another width than the language model's
+        tiny_dir = build_tiny(tmp_path / config, name=config)
     processor = AutoProcessor.from_pretrained(tiny_dir)
     plain, fast = (AutoModelForImageTextToText.from_pretrained(tiny_dir).train() for _ in range(2))
     for m in (plain, fast):
