@@ -34,8 +34,9 @@ TINY_CONFIGS: dict[str, dict] = {
     "qwen2-vl-tiny": {"layers": 2, "width": 64, "heads": 4, "kv_heads": 2, "vision_layers": 2, "vision_width": 64},
     # one more language-model layer, the vision tower as in qwen2-vl-tiny: a language-stage step costs about 1.3x
     "qwen2-vl-tiny-l3": {"layers": 3, "width": 64, "heads": 4, "kv_heads": 2, "vision_layers": 2, "vision_width": 64},
-    # a vision tower 1.5x as wide (96; the language model and the merger's output as in qwen2-vl-tiny): more room to
-    # hold position and orientation in the visual tokens, at about 1.5x the vision side's cost
+    # a vision tower 1.5x as wide (96; the language model and the merger's output as in qwen2-vl-tiny), room to hold
+    # position and orientation in the visual tokens. Measured on the full preset: no more reliable than the default
+    # (bench/CAPTIONER_TOY.md)
     "qwen2-vl-tiny-v96": {"layers": 2, "width": 64, "heads": 4, "kv_heads": 2, "vision_layers": 2, "vision_width": 96},
     "qwen2-vl-small": {"layers": 4, "width": 128, "heads": 4, "kv_heads": 2, "vision_layers": 2,
                        "vision_width": 96},
