@@ -46,12 +46,12 @@ def summarise(values: list[float], events: int, target: float) -> dict:
     sd = statistics.stdev(values)
     se = math.sqrt(mean * (1 - mean) / events)  # the test set's own noise on one draw's score
     between = math.sqrt(max(0.0, sd * sd - se * se))  # what the draws themselves spread, that noise taken out
-    z = (target - mean) / sd
+    draw = statistics.NormalDist(mean, sd)
     return {"mean": round(mean, 4), "min": min(values), "max": max(values), "sd_between_draws": round(sd, 4),
             "events_scored": events, "binomial_se": round(se, 4), "sd_net_of_test_noise": round(between, 4),
             "draws_at_target": sum(v >= target for v in values),
-            "p_next_draw_at_target": round(0.5 * math.erfc(z / math.sqrt(2)), 3),
-            "mean_needed_for_19_in_20": round(target + 1.6449 * sd, 4)}
+            "p_next_draw_at_target": round(1 - draw.cdf(target), 3),
+            "mean_needed_for_19_in_20": round(target - statistics.NormalDist(0, sd).inv_cdf(0.05), 4)}
 
 
 def main(argv=None) -> int:

@@ -124,9 +124,10 @@ def float64_check(n: int, queries: int) -> dict:
         q64, p_apart = qs[apart].astype(np.float64), positive[apart]
         pos64 = np.einsum("ij,ij->i", q64, gallery[p_apart].astype(np.float64))
         f64 = np.ones(len(apart), np.int64)  # the positive, not scored again: gemm and einsum sum in other orders
-        for s in range(0, len(gallery), 65536):  # float64 a slice of the gallery at a time
-            at_least = q64 @ gallery[s:s + 65536].astype(np.float64).T >= pos64[:, None]
-            mine = np.flatnonzero((p_apart >= s) & (p_apart < s + 65536))
+        step = 65536  # float64 a slice of the gallery at a time
+        for s in range(0, len(gallery), step):
+            at_least = q64 @ gallery[s:s + step].astype(np.float64).T >= pos64[:, None]
+            mine = np.flatnonzero((p_apart >= s) & (p_apart < s + step))
             at_least[mine, p_apart[mine] - s] = False
             f64 += at_least.sum(1)
         out[name] = {"queries_ranked_apart": int(len(apart)),
